@@ -1,0 +1,57 @@
+//! Runtime configuration the agent writes into [`crate::names::MAP_CONFIG`]
+//! (an array with one entry) and the datapath reads on every packet.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::aya_pod;
+
+/// Emit aya-log lines from the datapath. Off by default: one line costs
+/// about 100 ns a packet.
+pub const CONFIG_F_LOG: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// Idle timeout of an established TCP flow, seconds.
+    pub tcp_timeout: u32,
+    /// Timeout of a TCP flow after FIN in both directions or RST, seconds.
+    pub tcp_closing_timeout: u32,
+    /// Idle timeout of a UDP flow, seconds.
+    pub udp_timeout: u32,
+}
+
+impl DatapathConfig {
+    /// kube-proxy's conntrack defaults: 24 h established TCP (nf_conntrack's
+    /// `tcp_timeout_established` as kube-proxy sets it), 10 s after close,
+    /// 30 s UDP (nf_conntrack's `udp_timeout_stream` is 120 s; kube-proxy
+    /// leaves UDP at the kernel's 30 s for unreplied-or-short streams).
+    pub const DEFAULT: Self = Self {
+        flags: 0,
+        tcp_timeout: 86_400,
+        tcp_closing_timeout: 10,
+        udp_timeout: 30,
+    };
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+aya_pod!(DatapathConfig);
+
+/// Default map capacities; each can be changed at load time
+/// (`lb-agent run --max-*`).
+pub mod defaults {
+    /// Frontends (ClusterIP/NodePort/... address, port, protocol).
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Backend slots summed over all services.
+    pub const MAX_SLOTS: u32 = 524_288;
+    /// Distinct backends (address, port, protocol).
+    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Tracked flows.
+    pub const MAX_FLOWS: u32 = 524_288;
+}

@@ -1,0 +1,36 @@
+//! Names of programs and maps, shared so the loader, the inspector and the
+//! pins under the pin directory all agree. BPF object names are at most 15
+//! bytes.
+
+/// TC program for pod-facing interfaces (tcx ingress on the host side of a
+/// pod's veth): translates service traffic from pods and replies to it.
+pub const PROG_TC_POD: &str = "lb_tc_pod";
+
+/// Frontends: (address, port, protocol) -> service.
+pub const MAP_SERVICES: &str = "LB_SERVICES";
+/// Per-service backend slots for random selection: (service id, slot) -> backend id.
+pub const MAP_SLOTS: &str = "LB_SLOTS";
+/// Backends by id: backend id -> (address, port, protocol, state).
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Reverse NAT candidates: backend (address, port, protocol) -> service ids using it.
+pub const MAP_REVNAT: &str = "LB_REVNAT";
+/// Connection tracking: one entry per flow, LRU.
+pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
+/// Per-CPU datapath counters indexed by [`crate::counters::Counter`].
+pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+/// Single-entry runtime configuration ([`crate::config::DatapathConfig`]).
+pub const MAP_CONFIG: &str = "LB_CONFIG";
+
+/// Every map, in the order `inspect` and the docs list them.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SERVICES,
+    MAP_SLOTS,
+    MAP_BACKENDS,
+    MAP_REVNAT,
+    MAP_CONNTRACK,
+    MAP_COUNTERS,
+    MAP_CONFIG,
+];
+
+/// Default directory under bpffs where one agent instance pins its maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
