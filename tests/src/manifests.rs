@@ -1,0 +1,302 @@
+//! Service and EndpointSlice manifests, and the directory the agent watches.
+//!
+//! Objects are built as JSON values (so a test can break any field on
+//! purpose) and written as YAML. Every change to the directory is atomic:
+//! the new content goes to a hidden `.<file>.tmp` (an extension the agent
+//! does not read) and is renamed over the target, so the agent never reads
+//! a half-written file.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::error::{Result, TestbedError};
+
+/// Namespace of every object the helpers build.
+pub const NAMESPACE: &str = "default";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As Kubernetes spells it.
+    pub const fn as_k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    /// As `lb-agent inspect` spells it.
+    pub const fn as_lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A Service port's `targetPort`: a number, or the name of a container
+/// port (which the EndpointSlice resolves).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl From<u16> for TargetPort {
+    fn from(port: u16) -> Self {
+        TargetPort::Number(port)
+    }
+}
+
+impl From<&str> for TargetPort {
+    fn from(name: &str) -> Self {
+        TargetPort::Name(name.to_owned())
+    }
+}
+
+impl TargetPort {
+    fn to_value(&self) -> Value {
+        match self {
+            TargetPort::Number(port) => json!(port),
+            TargetPort::Name(name) => json!(name),
+        }
+    }
+}
+
+/// One entry of `spec.ports` of a Service.
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    /// Empty for the single unnamed port a Service may have.
+    pub name: String,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub protocol: Protocol,
+}
+
+impl ServicePort {
+    pub fn tcp(name: &str, port: u16, target_port: impl Into<TargetPort>) -> Self {
+        Self {
+            name: name.to_owned(),
+            port,
+            target_port: target_port.into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    pub fn udp(name: &str, port: u16, target_port: impl Into<TargetPort>) -> Self {
+        Self {
+            name: name.to_owned(),
+            port,
+            target_port: target_port.into(),
+            protocol: Protocol::Udp,
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        let mut port = json!({
+            "port": self.port,
+            "targetPort": self.target_port.to_value(),
+            "protocol": self.protocol.as_k8s(),
+        });
+        if !self.name.is_empty() {
+            port["name"] = json!(self.name);
+        }
+        port
+    }
+}
+
+/// A `v1/Service` of type ClusterIP.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    pub fn new(name: &str, cluster_ip: Ipv4Addr, ports: Vec<ServicePort>) -> Self {
+        Self {
+            name: name.to_owned(),
+            cluster_ip,
+            ports,
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": self.name, "namespace": NAMESPACE },
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": self.cluster_ip.to_string(),
+                "clusterIPs": [self.cluster_ip.to_string()],
+                "ports": self.ports.iter().map(ServicePort::to_value).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+/// One entry of `ports` of an EndpointSlice: named after the Service port
+/// it serves, carrying the resolved target port.
+#[derive(Clone, Debug)]
+pub struct EndpointPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl EndpointPort {
+    pub fn tcp(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_owned(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    pub fn udp(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_owned(),
+            port,
+            protocol: Protocol::Udp,
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        json!({ "name": self.name, "port": self.port, "protocol": self.protocol.as_k8s() })
+    }
+}
+
+/// One endpoint (one pod address) of an EndpointSlice.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub ready: bool,
+}
+
+impl Endpoint {
+    pub fn ready(address: Ipv4Addr) -> Self {
+        Self { address, ready: true }
+    }
+
+    pub fn not_ready(address: Ipv4Addr) -> Self {
+        Self { address, ready: false }
+    }
+}
+
+/// A `discovery.k8s.io/v1/EndpointSlice` of one Service.
+#[derive(Clone, Debug)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub service: String,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl EndpointSlice {
+    /// Slice `<service>-<suffix>`, as the EndpointSlice controller names them.
+    pub fn new(service: &str, suffix: &str, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            name: format!("{service}-{suffix}"),
+            service: service.to_owned(),
+            ports,
+            endpoints,
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": self.name,
+                "namespace": NAMESPACE,
+                "labels": { "kubernetes.io/service-name": self.service },
+            },
+            "addressType": "IPv4",
+            "ports": self.ports.iter().map(EndpointPort::to_value).collect::<Vec<_>>(),
+            "endpoints": self.endpoints.iter().map(|endpoint| json!({
+                "addresses": [endpoint.address.to_string()],
+                "conditions": { "ready": endpoint.ready },
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The directory of manifests one agent watches.
+#[derive(Debug)]
+pub struct ManifestDir {
+    path: PathBuf,
+}
+
+impl ManifestDir {
+    /// Creates the directory `path` (its parent must exist). It is not
+    /// removed on drop: it lives in a testbed's scratch directory.
+    pub fn create(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        fs::create_dir(&path).map_err(|source| TestbedError::path("create manifest directory", &path, source))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `objects` to `file` as a multi-document YAML file, replacing
+    /// it atomically.
+    pub fn write(&self, file: &str, objects: &[Value]) -> Result<()> {
+        let mut text = String::new();
+        for object in objects {
+            let document = serde_yaml::to_string(object).map_err(|source| TestbedError::Manifest {
+                file: file.to_owned(),
+                source,
+            })?;
+            text.push_str("---\n");
+            text.push_str(&document);
+        }
+        self.write_text(file, &text)
+    }
+
+    /// Writes `text` verbatim to `file` (e.g. something that is not YAML at
+    /// all), replacing it atomically.
+    pub fn write_text(&self, file: &str, text: &str) -> Result<()> {
+        let target = self.path.join(file);
+        let temporary = self.path.join(format!(".{file}.tmp"));
+        fs::write(&temporary, text).map_err(|source| TestbedError::path("write", &temporary, source))?;
+        fs::rename(&temporary, &target).map_err(|source| TestbedError::path("rename into place", &target, source))
+    }
+
+    /// Deletes `file`.
+    pub fn remove(&self, file: &str) -> Result<()> {
+        let target = self.path.join(file);
+        fs::remove_file(&target).map_err(|source| TestbedError::path("remove", target, source))
+    }
+
+    /// Copies every regular file of `source` into the directory (each
+    /// atomically), returning the names copied.
+    pub fn copy_from(&self, source: &Path) -> Result<Vec<String>> {
+        let entries = fs::read_dir(source).map_err(|error| TestbedError::path("read directory", source, error))?;
+        let mut copied = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|error| TestbedError::path("read directory", source, error))?;
+            let from = entry.path();
+            if !from.is_file() {
+                continue;
+            }
+            let text = fs::read_to_string(&from).map_err(|error| TestbedError::path("read", &from, error))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            self.write_text(&name, &text)?;
+            copied.push(name);
+        }
+        copied.sort();
+        Ok(copied)
+    }
+}

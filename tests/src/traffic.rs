@@ -1,0 +1,497 @@
+//! Servers that run in backend pods and clients that run in client pods.
+//!
+//! The protocol is one line each way. A client sends `<request>\n`; the
+//! server answers `<pod name> <client address as the server saw it>
+//! <request>\n`. So every answer says which backend took the connection,
+//! whether the client's address survived the trip (no source NAT), and that
+//! the bytes arrived intact. A TCP connection can carry any number of such
+//! exchanges, which lets a test keep one open across a change.
+//!
+//! Every blocking call has a timeout: servers poll for a stop flag at least
+//! every [`SERVER_TICK`], clients give up after [`CLIENT_TIMEOUT`].
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::error::{Result, TestbedError};
+use crate::topology::Pod;
+
+/// How long a client waits to connect, and for each answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a server checks whether it was asked to stop.
+pub const SERVER_TICK: Duration = Duration::from_millis(50);
+
+/// One answer of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Name of the pod that answered.
+    pub server: String,
+    /// The client's address and port as the server saw them.
+    pub client_seen: SocketAddrV4,
+    /// The request, echoed.
+    pub echo: String,
+}
+
+impl Reply {
+    fn parse(line: &str) -> Result<Self> {
+        let bad = |reason| TestbedError::BadReply {
+            reply: line.to_owned(),
+            reason,
+        };
+        let line = line.strip_suffix('\n').ok_or_else(|| bad("no newline (connection closed early?)"))?;
+        let (server, rest) = line.split_once(' ').ok_or_else(|| bad("no client address"))?;
+        let (client, echo) = rest.split_once(' ').ok_or_else(|| bad("no echo"))?;
+        let client_seen = client.parse().map_err(|_| bad("client address does not parse"))?;
+        Ok(Self {
+            server: server.to_owned(),
+            client_seen,
+            echo: echo.to_owned(),
+        })
+    }
+}
+
+fn format_reply(server: &str, client: SocketAddr, request: &str) -> String {
+    format!("{server} {client} {request}\n")
+}
+
+/// Only IPv4 exists in the testbed; anything else is a bug.
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(addr) => addr,
+        SocketAddr::V6(addr) => panic!("unexpected IPv6 address {addr} in an IPv4-only testbed"),
+    }
+}
+
+fn bad_reply_io(error: TestbedError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+/// Waits until `fd` is readable or `timeout` passes; `Ok(false)` on timeout.
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, count 1.
+    match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+        -1 => {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(error) }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+/// A TCP server in a pod, listening on `0.0.0.0:<port>`: one thread accepts,
+/// one thread per connection answers every request line. Stops on drop.
+#[derive(Debug)]
+pub struct TcpServer {
+    port: u16,
+    pod: String,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let listener = pod
+            .run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+            .map_err(|source| TestbedError::io(format!("bind TCP port {port} in pod {}", pod.name()), source))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| TestbedError::io("set listener non-blocking", source))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let name = pod.name().to_owned();
+        let acceptor = thread::Builder::new()
+            .name(format!("tcp-{name}"))
+            .spawn({
+                let stop = Arc::clone(&stop);
+                let accepted = Arc::clone(&accepted);
+                move || accept_loop(&listener, &name, &stop, &accepted)
+            })
+            .map_err(|source| TestbedError::io("spawn TCP server thread", source))?;
+        Ok(Self {
+            port,
+            pod: pod.name().to_owned(),
+            stop,
+            accepted,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take()
+            && acceptor.join().is_err()
+        {
+            eprintln!("testbed: TCP server of {} on port {} panicked", self.pod, self.port);
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, accepted: &AtomicUsize) {
+    let mut connections: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        connections.retain(|connection| !connection.is_finished());
+        match wait_readable(listener, SERVER_TICK) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(error) => {
+                eprintln!("testbed: TCP server {name}: poll: {error}");
+                break;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let name = name.to_owned();
+                let stop = Arc::clone(stop);
+                let spawned = thread::Builder::new()
+                    .name(format!("conn-{name}"))
+                    .spawn(move || serve_connection(stream, peer, &name, &stop));
+                match spawned {
+                    Ok(handle) => connections.push(handle),
+                    Err(error) => eprintln!("testbed: TCP server: spawn connection thread: {error}"),
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => eprintln!("testbed: TCP server {name}: accept: {error}"),
+        }
+    }
+    for connection in connections {
+        // A connection thread only ends by returning; a panic there is a bug
+        // worth seeing, but not a reason to keep the others running.
+        if connection.join().is_err() {
+            eprintln!("testbed: TCP server {name}: a connection thread panicked");
+        }
+    }
+}
+
+/// Answers request lines on one connection until the client closes it, an
+/// error occurs, or the server stops.
+fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(SERVER_TICK)))
+        .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)));
+    if let Err(error) = setup {
+        eprintln!("testbed: TCP server {name}: configure connection from {peer}: {error}");
+        return;
+    }
+    let mut writer = match stream.try_clone() {
+        Ok(writer) => writer,
+        Err(error) => {
+            eprintln!("testbed: TCP server {name}: clone connection from {peer}: {error}");
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            // The client closed its side.
+            Ok(0) => return,
+            Ok(_) if line.ends_with('\n') => {
+                let request = line.trim_end_matches('\n');
+                if writer.write_all(format_reply(name, peer, request).as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            // A partial line before EOF: keep it, the next read returns 0.
+            Ok(_) => {}
+            // Timeouts only give the stop flag a look; bytes read so far
+            // stay in `line`.
+            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            // Resets are expected (tests cut connections on purpose).
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server in a pod on `0.0.0.0:<port>`: answers every datagram to its
+/// source. Stops on drop.
+#[derive(Debug)]
+pub struct UdpServer {
+    port: u16,
+    pod: String,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let socket = pod
+            .run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
+            .map_err(|source| TestbedError::io(format!("bind UDP port {port} in pod {}", pod.name()), source))?;
+        socket
+            .set_read_timeout(Some(SERVER_TICK))
+            .map_err(|source| TestbedError::io("set UDP read timeout", source))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+        let name = pod.name().to_owned();
+        let worker = thread::Builder::new()
+            .name(format!("udp-{name}"))
+            .spawn({
+                let stop = Arc::clone(&stop);
+                let received = Arc::clone(&received);
+                move || udp_loop(&socket, &name, &stop, &received)
+            })
+            .map_err(|source| TestbedError::io("spawn UDP server thread", source))?;
+        Ok(Self {
+            port,
+            pod: pod.name().to_owned(),
+            stop,
+            received,
+            worker: Some(worker),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            eprintln!("testbed: UDP server of {} on port {} panicked", self.pod, self.port);
+        }
+    }
+}
+
+fn udp_loop(socket: &UdpSocket, name: &str, stop: &AtomicBool, received: &AtomicUsize) {
+    let mut buffer = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buffer) {
+            Ok((len, peer)) => {
+                received.fetch_add(1, Ordering::Relaxed);
+                let request = String::from_utf8_lossy(&buffer[..len]);
+                let reply = format_reply(name, peer, request.trim_end_matches('\n'));
+                if let Err(error) = socket.send_to(reply.as_bytes(), peer) {
+                    eprintln!("testbed: UDP server {name}: reply to {peer}: {error}");
+                }
+            }
+            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            // ICMP errors from earlier replies surface here; not fatal.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(error) => {
+                eprintln!("testbed: UDP server {name}: receive: {error}");
+                return;
+            }
+        }
+    }
+}
+
+/// The outcome of one TCP exchange.
+#[derive(Clone, Debug)]
+pub struct TcpExchange {
+    /// The client socket's own address.
+    pub local: SocketAddrV4,
+    /// `getpeername()` of the client socket: what the client thinks it is
+    /// talking to.
+    pub peer: SocketAddrV4,
+    pub reply: Reply,
+}
+
+/// A TCP connection that can carry several exchanges. Create it inside the
+/// client pod (e.g. `pod.run(|| TcpSession::connect(..))`); use it anywhere.
+#[derive(Debug)]
+pub struct TcpSession {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl TcpSession {
+    /// Connects with [`CLIENT_TIMEOUT`]; the socket is created in the
+    /// calling thread's namespace.
+    pub fn connect(destination: SocketAddrV4) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&destination.into(), CLIENT_TIMEOUT)?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let writer = stream.try_clone()?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    pub fn local(&self) -> io::Result<SocketAddrV4> {
+        self.writer.local_addr().map(v4)
+    }
+
+    pub fn peer(&self) -> io::Result<SocketAddrV4> {
+        self.writer.peer_addr().map(v4)
+    }
+
+    /// Sends one request line and reads the answer.
+    pub fn exchange(&mut self, request: &str) -> io::Result<TcpExchange> {
+        assert!(!request.contains('\n'), "a request is one line");
+        self.writer.write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let reply = Reply::parse(&line).map_err(bad_reply_io)?;
+        Ok(TcpExchange {
+            local: self.local()?,
+            peer: self.peer()?,
+            reply,
+        })
+    }
+}
+
+impl Drop for TcpSession {
+    fn drop(&mut self) {
+        // Close politely (FIN), so the server thread ends at once.
+        let _ = self.writer.shutdown(Shutdown::Both);
+    }
+}
+
+/// Opens a connection, makes one exchange, closes it.
+pub fn tcp_request(destination: SocketAddrV4, request: &str) -> io::Result<TcpExchange> {
+    TcpSession::connect(destination)?.exchange(request)
+}
+
+/// The outcome of one UDP exchange.
+#[derive(Clone, Debug)]
+pub struct UdpExchange {
+    /// The address the client socket is bound to: the wildcard address and
+    /// the port for an unconnected socket, the source address for a
+    /// connected one.
+    pub local: SocketAddrV4,
+    /// Source address of the answer (`recv_from`), or the connected peer.
+    pub from: SocketAddrV4,
+    pub reply: Reply,
+}
+
+/// Sends one datagram from an unconnected socket and reads the answer with
+/// `recv_from`, so the caller sees where the answer came from. An
+/// unconnected socket accepts an answer from any source.
+pub fn udp_request(destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send_to(request.as_bytes(), destination)?;
+    let mut buffer = [0u8; 2048];
+    let (len, from) = socket.recv_from(&mut buffer)?;
+    let reply = Reply::parse(&String::from_utf8_lossy(&buffer[..len])).map_err(bad_reply_io)?;
+    Ok(UdpExchange {
+        local: v4(socket.local_addr()?),
+        from: v4(from),
+        reply,
+    })
+}
+
+/// Like [`udp_request`] on a connected socket: the kernel only accepts
+/// answers from `destination`, and reports an ICMP port unreachable as
+/// `ConnectionRefused` on the receive.
+pub fn udp_connected_request(destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.connect(destination)?;
+    socket.send(request.as_bytes())?;
+    let mut buffer = [0u8; 2048];
+    let len = socket.recv(&mut buffer)?;
+    let reply = Reply::parse(&String::from_utf8_lossy(&buffer[..len])).map_err(bad_reply_io)?;
+    Ok(UdpExchange {
+        local: v4(socket.local_addr()?),
+        from: v4(socket.peer_addr()?),
+        reply,
+    })
+}
+
+/// How many answers each server gave.
+pub type Tally = BTreeMap<String, usize>;
+
+/// Opens `count` connections one after the other, one exchange each, and
+/// counts which server answered. Stops at the first failure.
+pub fn tcp_spread(destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+    let mut tally = Tally::new();
+    for n in 0..count {
+        let exchange = tcp_request(destination, &format!("spread {n}"))?;
+        *tally.entry(exchange.reply.server).or_default() += 1;
+    }
+    Ok(tally)
+}
+
+/// [`tcp_spread`] for UDP: `count` datagrams, each from a new socket (a new
+/// source port, so a new flow).
+pub fn udp_spread(destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+    let mut tally = Tally::new();
+    for n in 0..count {
+        let exchange = udp_request(destination, &format!("spread {n}"))?;
+        *tally.entry(exchange.reply.server).or_default() += 1;
+    }
+    Ok(tally)
+}
+
+/// Client operations run inside the pod, flattening "could not enter the
+/// namespace" into the I/O error so callers handle one error type and can
+/// still match on `ConnectionRefused` and friends.
+impl Pod {
+    fn run_io<T: Send>(&self, task: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        self.run(task).map_err(io::Error::other)?
+    }
+
+    pub fn tcp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<TcpExchange> {
+        self.run_io(|| tcp_request(destination, request))
+    }
+
+    pub fn tcp_connect(&self, destination: SocketAddrV4) -> io::Result<TcpSession> {
+        self.run_io(|| TcpSession::connect(destination))
+    }
+
+    pub fn tcp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+        self.run_io(|| tcp_spread(destination, count))
+    }
+
+    pub fn udp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+        self.run_io(|| udp_request(destination, request))
+    }
+
+    pub fn udp_connected_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+        self.run_io(|| udp_connected_request(destination, request))
+    }
+
+    pub fn udp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+        self.run_io(|| udp_spread(destination, count))
+    }
+}
