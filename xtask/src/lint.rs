@@ -16,7 +16,6 @@ pub fn clippy() -> Result<()> {
     host.arg("clippy")
         .args(HOST_PACKAGES)
         .args(["--all-targets", "--", "-D", "warnings"]);
-    run(&mut host)?;
     let mut bpf = cargo();
     bpf
         // `-Z build-std` on a stable toolchain, as lb-agent/build.rs does.
@@ -29,7 +28,10 @@ pub fn clippy() -> Result<()> {
             "bpfel-unknown-none",
         ])
         .args(["-Z", "build-std=core", "--release", "--", "-D", "warnings"]);
-    run(&mut bpf)
+    // Both run, so that one pass reports every warning.
+    let host_result = run(&mut host);
+    let bpf_result = run(&mut bpf);
+    host_result.and(bpf_result)
 }
 
 /// rustfmt over the workspace; with `check`, fails instead of rewriting.
