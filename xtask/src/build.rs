@@ -18,7 +18,7 @@ pub const AGENT_BINARY_VARIABLE: &str = "LB_AGENT_BIN";
 
 /// Builds every host package; lb-agent's build script builds and embeds the
 /// BPF object.
-pub fn build(profile: Profile) -> Result<()> {
+fn build(profile: Profile) -> Result<()> {
     let mut command = cargo();
     command.arg("build").args(HOST_PACKAGES);
     profile.apply(&mut command);

@@ -86,9 +86,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup { check } => Setup::all(if check { Mode::Check } else { Mode::Install }),
         Task::Build { release } => {
-            let profile = Profile::from_release_flag(release);
-            Setup::all(Mode::Install)?;
-            build::build(profile)
+            build::setup_and_build(Profile::from_release_flag(release)).map(drop)
         }
         Task::Run { release, args } => build::run_agent(Profile::from_release_flag(release), &args),
         Task::Test { release, args } => test::test(Profile::from_release_flag(release), &args),
