@@ -1,5 +1,25 @@
 //! The agent: sources (manifests, later the Kubernetes API) produce one
 //! desired-state model; one module writes it into the BPF maps as diffs.
+//!
+//! - [`source`] reads Services and EndpointSlices from where they live.
+//! - [`translate`] turns them into a [`model::DesiredState`] with
+//!   kube-proxy's semantics.
+//! - [`datapath::loader`] loads, sizes, attaches and pins the datapath;
+//!   [`datapath::writer`] is the only writer of its maps.
+//! - [`inspect`] reads the pinned maps of a running agent.
+//! - [`agent`] runs it all: initial load, watch, apply, shutdown.
+
+pub mod agent;
+pub mod datapath;
+pub mod inspect;
+pub mod model;
+pub mod source;
+pub mod translate;
 
 /// The datapath object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The measurement harness built from `lb-ebpf`'s `lb-bench` target: not
+/// part of the datapath, used only by the packet benchmarks.
+pub static EBPF_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));

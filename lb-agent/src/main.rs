@@ -1,1 +1,234 @@
-fn main() {}
+//! `lb-agent`: the command line. Everything it runs lives in the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_agent::agent::{self, RunOptions};
+use lb_agent::datapath::loader::Capacities;
+use lb_agent::inspect;
+use lb_common::config::{CONFIG_F_LOG, DatapathConfig, defaults};
+use lb_common::names::DEFAULT_PIN_DIR;
+use tracing_subscriber::EnvFilter;
+
+/// Kubernetes ClusterIP load balancing in eBPF: keeps the datapath's maps
+/// equal to what Services and EndpointSlices say.
+#[derive(Parser, Debug)]
+#[command(name = "lb-agent", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    /// Log format (filter with RUST_LOG, default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the datapath, attach it and program it from a manifest
+    /// directory, following every change until SIGINT/SIGTERM; then detach
+    /// and remove the pinned maps (unless --keep-pins).
+    Run(RunArgs),
+    /// Print the state of a running agent, read from its pinned maps.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml,
+    /// *.json; multi-document YAML, JSON arrays, kind: List). Watched: a
+    /// change reaches the maps within a fraction of a second. Required
+    /// for now; without it the agent will later read the Kubernetes API.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+
+    /// Pod-facing interface (the node's end of a pod's veth) to attach the
+    /// datapath to, at tcx ingress. Repeat for every pod.
+    #[arg(long = "attach", value_name = "IFACE", required = true)]
+    attach: Vec<String>,
+
+    /// bpffs directory where this instance pins its maps, one per instance.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+
+    /// Leave the pinned maps in place on exit, so the next start reuses
+    /// them and established flows survive the restart.
+    #[arg(long)]
+    keep_pins: bool,
+
+    /// Capacity of LB_SERVICES: frontends (ClusterIP, port, protocol).
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_services: u32,
+
+    /// Capacity of LB_BACKENDS and LB_REVNAT: distinct backends (pod
+    /// address, target port, protocol); one entry (id 0) is reserved.
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(2..))]
+    max_backends: u32,
+
+    /// Capacity of LB_SLOTS: ready backends summed over all services.
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_slots: u32,
+
+    /// Capacity of LB_CONNTRACK: tracked flows (least recently used ones
+    /// are evicted when full).
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_flows: u32,
+
+    /// Idle timeout of an established TCP flow, seconds.
+    #[arg(long, value_name = "S", default_value_t = DatapathConfig::DEFAULT.tcp_timeout)]
+    tcp_timeout: u32,
+
+    /// Timeout of a TCP flow after FIN in both directions or RST, seconds.
+    #[arg(long, value_name = "S", default_value_t = DatapathConfig::DEFAULT.tcp_closing_timeout)]
+    tcp_closing_timeout: u32,
+
+    /// Idle timeout of a UDP flow, seconds.
+    #[arg(long, value_name = "S", default_value_t = DatapathConfig::DEFAULT.udp_timeout)]
+    udp_timeout: u32,
+
+    /// Log from the datapath (aya-log, target lb_ebpf). Off by default: one
+    /// line costs about 100 ns per packet.
+    #[arg(long)]
+    datapath_log: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    what: InspectWhat,
+
+    /// The pin directory of the agent to inspect.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum InspectWhat {
+    /// Frontends, their service ids and backends (ready ones first).
+    Services,
+    /// Tracked flows: client, frontend, backend, idle time, TCP state.
+    Conntrack,
+    /// Datapath counters, summed over CPUs.
+    Counters,
+}
+
+fn init_logging(format: LogFormat, datapath_log: bool) -> anyhow::Result<()> {
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(directives) => EnvFilter::try_new(directives).context("parsing RUST_LOG")?,
+        Err(_) if datapath_log => EnvFilter::new("info,lb_ebpf=trace"),
+        Err(_) => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Both also route the `log` records of aya and aya-log into tracing.
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|error| anyhow::anyhow!("installing the logger: {error}"))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Some(manifests) = args.manifests else {
+        bail!(
+            "--manifests DIR is required: reading Services and EndpointSlices from the \
+             Kubernetes API is not implemented yet"
+        );
+    };
+    let mut config = DatapathConfig {
+        tcp_timeout: args.tcp_timeout,
+        tcp_closing_timeout: args.tcp_closing_timeout,
+        udp_timeout: args.udp_timeout,
+        ..DatapathConfig::DEFAULT
+    };
+    if args.datapath_log {
+        config.flags |= CONFIG_F_LOG;
+    }
+    let options = RunOptions {
+        manifests,
+        attach: args.attach,
+        pin_dir: args.pin_dir,
+        keep_pins: args.keep_pins,
+        capacities: Capacities {
+            services: args.max_services,
+            backends: args.max_backends,
+            slots: args.max_slots,
+            flows: args.max_flows,
+        },
+        config,
+        datapath_log: args.datapath_log,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(agent::run(options))?;
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let context = || {
+        format!(
+            "reading the maps pinned in {} (is an agent running with --pin-dir {}?)",
+            args.pin_dir.display(),
+            args.pin_dir.display()
+        )
+    };
+    let output = match args.what {
+        InspectWhat::Services => {
+            let entries = inspect::services(&args.pin_dir).with_context(context)?;
+            if args.json {
+                serde_json::to_string_pretty(&entries)?
+            } else {
+                inspect::services_table(&entries).to_string()
+            }
+        }
+        InspectWhat::Conntrack => {
+            let entries = inspect::conntrack(&args.pin_dir).with_context(context)?;
+            if args.json {
+                serde_json::to_string_pretty(&entries)?
+            } else {
+                inspect::conntrack_table(&entries).to_string()
+            }
+        }
+        InspectWhat::Counters => {
+            let entries = inspect::counters(&args.pin_dir).with_context(context)?;
+            if args.json {
+                let object: serde_json::Map<String, serde_json::Value> = entries
+                    .into_iter()
+                    .map(|(name, value)| (name, value.into()))
+                    .collect();
+                serde_json::to_string_pretty(&object)?
+            } else {
+                inspect::counters_table(&entries).to_string()
+            }
+        }
+    };
+    println!("{output}");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let datapath_log = matches!(&cli.command, Command::Run(args) if args.datapath_log);
+    init_logging(cli.log_format, datapath_log)?;
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Inspect(args) => inspect(args),
+    }
+}

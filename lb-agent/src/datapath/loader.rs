@@ -1,0 +1,402 @@
+//! Loading the datapath: map capacities, pins under bpffs (reused when a
+//! previous instance kept them), runtime configuration, the `lb_tc_pod`
+//! program attached with tcx, and the orderly reverse on shutdown.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapError};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use lb_common::config::{DatapathConfig, defaults};
+use lb_common::names::{
+    ALL_MAPS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    PROG_TC_POD,
+};
+use tracing::{debug, info, warn};
+
+use super::maps::{AyaMaps, OpenMapError};
+
+/// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Capacities of the maps, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Frontends (`LB_SERVICES` entries).
+    pub services: u32,
+    /// Distinct backends (`LB_BACKENDS` and `LB_REVNAT` entries).
+    pub backends: u32,
+    /// Slots summed over every service (`LB_SLOTS` entries).
+    pub slots: u32,
+    /// Tracked flows (`LB_CONNTRACK` entries).
+    pub flows: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            services: defaults::MAX_SERVICES,
+            backends: defaults::MAX_BACKENDS,
+            slots: defaults::MAX_SLOTS,
+            flows: defaults::MAX_FLOWS,
+        }
+    }
+}
+
+/// Everything [`Datapath::load`] needs.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where the maps are pinned as `<pin_dir>/<MAP_NAME>`.
+    pub pin_dir: PathBuf,
+    pub capacities: Capacities,
+    /// Written into `LB_CONFIG` (flags, timeouts).
+    pub config: DatapathConfig,
+}
+
+/// Loading, attaching or unpinning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "{} is not on a BPF filesystem (is bpffs mounted? `mount -t bpf bpf /sys/fs/bpf`)",
+        .0.display()
+    )]
+    NotBpffs(PathBuf),
+    #[error("checking the filesystem of {}", path.display())]
+    Statfs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the pin directory {}", path.display())]
+    CreatePinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the map {map} pinned in {} does not fit this agent: its {property} is {actual}, this agent needs {expected}; \
+         start with the --max-* options it was created with, or remove {} (its tracked flows are lost)",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    IncompatiblePin {
+        map: String,
+        pin_dir: PathBuf,
+        property: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("loading the datapath object")]
+    Object(#[source] EbpfError),
+    #[error("the datapath object has no program {PROG_TC_POD}")]
+    MissingProgram,
+    #[error("{PROG_TC_POD} is not a TC classifier")]
+    ProgramType(#[source] ProgramError),
+    #[error("loading {PROG_TC_POD} into the kernel")]
+    LoadProgram(#[source] ProgramError),
+    #[error("interface name {0:?} contains a NUL byte")]
+    InterfaceName(String),
+    #[error("attaching {PROG_TC_POD} at tcx ingress of {iface}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("detaching {PROG_TC_POD} from {iface}")]
+    Detach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the datapath object has no map {MAP_CONFIG}")]
+    MissingConfig,
+    #[error("writing {MAP_CONFIG}")]
+    Config(#[source] MapError),
+    #[error(transparent)]
+    Maps(#[from] OpenMapError),
+    #[error("starting the datapath logger (--datapath-log); was lb-ebpf built with aya-log?")]
+    Logger(#[source] aya_log::Error),
+    #[error("removing the pin {}", path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A loaded datapath: the object with its program, the pins, the links.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    reused_pins: Vec<&'static str>,
+    links: Vec<(String, SchedClassifierLinkId)>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("reused_pins", &self.reused_pins)
+            .field("links", &self.links)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks that `dir` is, or would be created, on bpffs.
+fn check_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let existing = dir
+        .ancestors()
+        .find(|ancestor| ancestor.exists())
+        .unwrap_or(Path::new("/"));
+    let path = CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| LoadError::NotBpffs(dir.to_owned()))?;
+    // SAFETY: statfs only writes into the zeroed struct we own; the path is
+    // a valid NUL-terminated string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(LoadError::Statfs {
+            path: existing.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs by architecture"
+    )]
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        return Err(LoadError::NotBpffs(existing.to_owned()));
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Loads the embedded object, sizing its maps and pinning them under
+    /// `options.pin_dir` (reusing pins that exist, so a restarted agent
+    /// keeps its flows), writes `LB_CONFIG` and loads `lb_tc_pod`. Nothing is
+    /// attached yet. On failure, pins this call created are removed.
+    pub fn load(options: &LoadOptions) -> Result<Self, LoadError> {
+        let pin_dir = &options.pin_dir;
+        check_bpffs(pin_dir)?;
+        let created_dir = !pin_dir.exists();
+        std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::CreatePinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let reused_pins: Vec<&'static str> = ALL_MAPS
+            .into_iter()
+            .filter(|name| pin_dir.join(name).exists())
+            .collect();
+
+        let result = Self::load_object(options).and_then(|mut ebpf| {
+            Self::write_config(&mut ebpf, options.config)?;
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(PROG_TC_POD)
+                .ok_or(LoadError::MissingProgram)?
+                .try_into()
+                .map_err(LoadError::ProgramType)?;
+            program.load().map_err(LoadError::LoadProgram)?;
+            Ok(ebpf)
+        });
+        match result {
+            Ok(ebpf) => {
+                if reused_pins.is_empty() {
+                    info!(pin_dir = %pin_dir.display(), "datapath loaded, maps pinned");
+                } else {
+                    info!(
+                        pin_dir = %pin_dir.display(),
+                        reused = ?reused_pins,
+                        "datapath loaded, reusing pinned maps (and their flows)"
+                    );
+                }
+                Ok(Self {
+                    ebpf,
+                    pin_dir: pin_dir.clone(),
+                    reused_pins,
+                    links: Vec::new(),
+                })
+            }
+            Err(error) => {
+                for name in ALL_MAPS
+                    .into_iter()
+                    .filter(|name| !reused_pins.contains(name))
+                {
+                    // Best effort: the original error is the one to report.
+                    let _ = std::fs::remove_file(pin_dir.join(name));
+                }
+                if created_dir {
+                    let _ = std::fs::remove_dir(pin_dir);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn load_object(options: &LoadOptions) -> Result<Ebpf, LoadError> {
+        let capacities = options.capacities;
+        let pins: Vec<(&'static str, PathBuf)> = ALL_MAPS
+            .into_iter()
+            .map(|name| (name, options.pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_SERVICES, capacities.services)
+            .map_max_entries(MAP_SLOTS, capacities.slots)
+            .map_max_entries(MAP_BACKENDS, capacities.backends)
+            .map_max_entries(MAP_REVNAT, capacities.backends)
+            .map_max_entries(MAP_CONNTRACK, capacities.flows);
+        for (name, path) in &pins {
+            // Creates and pins the map, or opens the existing pin after
+            // checking its type, sizes and flags against the object.
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .load(crate::EBPF_OBJECT)
+            .map_err(|error| match error {
+                EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                    name,
+                    property,
+                    expected,
+                    actual,
+                }) => LoadError::IncompatiblePin {
+                    map: name,
+                    pin_dir: options.pin_dir.clone(),
+                    property,
+                    expected,
+                    actual,
+                },
+                other => LoadError::Object(other),
+            })
+    }
+
+    fn write_config(ebpf: &mut Ebpf, config: DatapathConfig) -> Result<(), LoadError> {
+        let map = ebpf.map_mut(MAP_CONFIG).ok_or(LoadError::MissingConfig)?;
+        let mut array: Array<_, DatapathConfig> =
+            Array::try_from(map).map_err(LoadError::Config)?;
+        array.set(0, &config, 0).map_err(LoadError::Config)?;
+        debug!(?config, "datapath configuration written");
+        Ok(())
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Maps whose pins existed before this load and were reused.
+    pub fn reused_pins(&self) -> &[&'static str] {
+        &self.reused_pins
+    }
+
+    /// Takes the maps the writer programs out of the object (the program
+    /// keeps its own references to them).
+    pub fn take_maps(&mut self) -> Result<AyaMaps, LoadError> {
+        Ok(AyaMaps::from_maps(|name| self.ebpf.take_map(name))?)
+    }
+
+    /// Starts forwarding the datapath's aya-log records to the `log` crate
+    /// (and so to `tracing`). The caller polls it when its fd is readable.
+    pub fn start_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, LoadError> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).map_err(LoadError::Logger)
+    }
+
+    /// Attaches `lb_tc_pod` at tcx ingress of `iface`, before any program
+    /// already there so a service packet is translated before anything
+    /// (a CNI's redirect, say) routes it.
+    pub fn attach(&mut self, iface: &str) -> Result<(), LoadError> {
+        let name = CString::new(iface).map_err(|_| LoadError::InterfaceName(iface.to_owned()))?;
+        let program = self.program()?;
+        let link = program
+            .attach(
+                name.as_c_str(),
+                TcAttach::Tcx {
+                    attach_type: TcAttachType::Ingress,
+                    order: LinkOrder::first(),
+                },
+            )
+            .map_err(|source| LoadError::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        self.links.push((iface.to_owned(), link));
+        info!(iface, "attached {PROG_TC_POD} at tcx ingress");
+        Ok(())
+    }
+
+    fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        self.ebpf
+            .program_mut(PROG_TC_POD)
+            .ok_or(LoadError::MissingProgram)?
+            .try_into()
+            .map_err(LoadError::ProgramType)
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|(iface, _)| iface.as_str())
+    }
+
+    /// Detaches from every interface, then removes the pins and the pin
+    /// directory unless `keep_pins` (the next start then reuses the maps and
+    /// their flows). Every step is tried; the first error is returned.
+    pub fn shutdown(mut self, keep_pins: bool) -> Result<(), LoadError> {
+        let mut first_error = None;
+        let links = std::mem::take(&mut self.links);
+        for (iface, link) in links {
+            let detached = self.program().and_then(|program| {
+                program.detach(link).map_err(|source| LoadError::Detach {
+                    iface: iface.clone(),
+                    source,
+                })
+            });
+            match detached {
+                Ok(()) => info!(iface, "detached {PROG_TC_POD}"),
+                Err(error) => {
+                    warn!(iface, error = %error, "detach failed");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        if keep_pins {
+            info!(pin_dir = %self.pin_dir.display(), "keeping pinned maps (--keep-pins)");
+        } else if let Err(error) = unpin(&self.pin_dir) {
+            first_error.get_or_insert(error);
+        } else {
+            info!(pin_dir = %self.pin_dir.display(), "pinned maps removed");
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Removes every map pin of an instance and then its directory (kept, with
+/// a warning, if something else lives there).
+pub fn unpin(pin_dir: &Path) -> Result<(), LoadError> {
+    for name in ALL_MAPS {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::Unpin { path, source }),
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            warn!(pin_dir = %pin_dir.display(), "pin directory not removed: it holds other files");
+            Ok(())
+        }
+        Err(source) => Err(LoadError::Unpin {
+            path: pin_dir.to_owned(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,162 @@
+//! The real [`MapOps`]: the datapath's maps through aya.
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use lb_common::backend::{Backend, BackendAddr, RevNat};
+use lb_common::conntrack::{Flow, FlowKey};
+use lb_common::names::{MAP_BACKENDS, MAP_CONNTRACK, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS};
+use lb_common::service::{ServiceKey, ServiceValue, Slot, SlotKey};
+
+use super::writer::{MapContents, MapOps, MapReadError, MapWrite, MapWriteError};
+
+/// Opening one of the datapath's maps failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenMapError {
+    #[error("the datapath object has no map {0}")]
+    Missing(&'static str),
+    #[error("opening pinned map {}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} has an unexpected type or key/value size (built from another lb-common?)")]
+    Type {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Opens the map pinned as `<pin_dir>/<name>`.
+pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, OpenMapError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| OpenMapError::Pin { path, source })?;
+    Map::from_map_data(data).map_err(|source| OpenMapError::Type { map: name, source })
+}
+
+/// Converts a generic map into the typed view `T`, naming the map on error.
+pub fn typed<T>(map: Map, name: &'static str) -> Result<T, OpenMapError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(|source| OpenMapError::Type { map: name, source })
+}
+
+/// The maps the writer programs, plus conntrack (read once at start).
+pub struct AyaMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    backends: Array<MapData, Backend>,
+    revnat: HashMap<MapData, BackendAddr, RevNat>,
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+}
+
+impl AyaMaps {
+    /// Builds from maps taken out of a loaded object (or opened from pins);
+    /// `take` returns the map of that name.
+    pub fn from_maps(
+        mut take: impl FnMut(&'static str) -> Option<Map>,
+    ) -> Result<Self, OpenMapError> {
+        let mut open = |name: &'static str| take(name).ok_or(OpenMapError::Missing(name));
+        Ok(Self {
+            services: typed(open(MAP_SERVICES)?, MAP_SERVICES)?,
+            slots: typed(open(MAP_SLOTS)?, MAP_SLOTS)?,
+            backends: typed(open(MAP_BACKENDS)?, MAP_BACKENDS)?,
+            revnat: typed(open(MAP_REVNAT)?, MAP_REVNAT)?,
+            conntrack: typed(open(MAP_CONNTRACK)?, MAP_CONNTRACK)?,
+        })
+    }
+
+    /// Opens the maps pinned under `pin_dir` by a running agent.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, OpenMapError> {
+        let mut first_error = None;
+        let maps = Self::from_maps(|name| match open_pinned(pin_dir, name) {
+            Ok(map) => Some(map),
+            Err(error) => {
+                first_error.get_or_insert(error);
+                None
+            }
+        });
+        match (maps, first_error) {
+            (Ok(maps), _) => Ok(maps),
+            (Err(_), Some(error)) => Err(error),
+            (Err(error), None) => Err(error),
+        }
+    }
+}
+
+fn write_error(write: &MapWrite, source: MapError) -> MapWriteError {
+    MapWriteError {
+        call: write.call(),
+        map: write.map(),
+        source: Box::new(source),
+    }
+}
+
+fn read_error(map: &'static str, source: MapError) -> MapReadError {
+    MapReadError {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl MapOps for AyaMaps {
+    fn write(&mut self, write: &MapWrite) -> Result<(), MapWriteError> {
+        match write {
+            MapWrite::Service { key, value } => self.services.insert(key, value, 0),
+            MapWrite::DeleteService { key } => self.services.remove(key),
+            MapWrite::Slot { key, value } => self.slots.insert(key, value, 0),
+            MapWrite::DeleteSlot { key } => self.slots.remove(key),
+            MapWrite::Backend { id, value } => self.backends.set(*id, value, 0),
+            MapWrite::RevNat { key, value } => self.revnat.insert(key, value, 0),
+            MapWrite::DeleteRevNat { key } => self.revnat.remove(key),
+        }
+        .map_err(|source| write_error(write, source))
+    }
+
+    fn read_all(&self) -> Result<MapContents, MapReadError> {
+        let mut contents = MapContents::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(|e| read_error(MAP_SERVICES, e))?;
+            contents.services.insert(key, value);
+        }
+        for entry in self.slots.iter() {
+            let (key, value) = entry.map_err(|e| read_error(MAP_SLOTS, e))?;
+            contents.slots.insert(key, value);
+        }
+        for entry in self.revnat.iter() {
+            let (key, value) = entry.map_err(|e| read_error(MAP_REVNAT, e))?;
+            contents.revnat.insert(key, value);
+        }
+        // Id 0 is never used.
+        for id in 1..self.backends.len() {
+            let backend = self
+                .backends
+                .get(&id, 0)
+                .map_err(|e| read_error(MAP_BACKENDS, e))?;
+            if backend.is_active() {
+                contents.backends.insert(id, backend);
+            }
+        }
+        Ok(contents)
+    }
+
+    fn highest_flow_service_id(&self) -> Result<u32, MapReadError> {
+        let mut highest = 0;
+        for key in self.conntrack.keys() {
+            match key {
+                Ok(key) => highest = highest.max(key.service_id),
+                // An LRU entry evicted between two steps of the walk.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(read_error(MAP_CONNTRACK, e)),
+            }
+        }
+        Ok(highest)
+    }
+
+    fn backend_capacity(&self) -> u32 {
+        self.backends.len()
+    }
+}

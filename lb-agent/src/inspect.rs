@@ -1,0 +1,405 @@
+//! Reading the pinned maps of a running agent (`lb-agent inspect`, and the
+//! testbed's assertions). Read-only: nothing here writes a map.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use lb_common::backend::{BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat};
+use lb_common::conntrack::{
+    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, FLOW_F_RST, Flow, FlowKey,
+};
+use lb_common::counters::Counter;
+use lb_common::names::{
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+};
+use lb_common::service::{ServiceKey, ServiceValue, Slot, SlotKey};
+
+use crate::datapath::maps::{OpenMapError, open_pinned, typed};
+
+/// One frontend and the backends of its service id.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceEntry {
+    pub frontend: SocketAddrV4,
+    /// "tcp" or "udp".
+    pub proto: String,
+    pub service_id: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u16,
+    /// Every backend listed for this service id (found via `LB_REVNAT`):
+    /// the ready ones first, in slot order, then the others by address.
+    pub backends: Vec<BackendEntry>,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendEntry {
+    pub id: u32,
+    pub addr: SocketAddrV4,
+    /// In one of the service's slots: new connections may choose it.
+    pub ready: bool,
+    /// `BACKEND_F_*` bits of its `LB_BACKENDS` entry.
+    pub backend_flags: u8,
+}
+
+/// One tracked flow.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowEntry {
+    /// "tcp" or "udp".
+    pub proto: String,
+    pub client: SocketAddrV4,
+    pub frontend: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// Seconds since the flow's last packet (as the datapath records it:
+    /// at most once a second).
+    pub idle_secs: u32,
+    /// `reply_seen`, `fin_client`, `fin_backend`, `rst`.
+    pub flags: Vec<String>,
+}
+
+/// Reading the pinned maps failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Open(#[from] OpenMapError),
+    #[error("reading {map}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{MAP_COUNTERS} has {actual} entries, expected at least {expected}")]
+    CounterCount { actual: u32, expected: u32 },
+    #[error("reading CLOCK_MONOTONIC")]
+    Clock(#[source] io::Error),
+}
+
+fn read_error(map: &'static str) -> impl FnOnce(MapError) -> InspectError {
+    move |source| InspectError::Read { map, source }
+}
+
+fn socket(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+}
+
+fn proto_name(proto: u8) -> String {
+    lb_common::proto::name(proto).to_owned()
+}
+
+/// Reads every entry of a hash map, skipping keys deleted during the walk.
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, InspectError> {
+    let mut entries = BTreeMap::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, value)) => {
+                entries.insert(key, value);
+            }
+            Err(MapError::KeyNotFound) => continue,
+            Err(source) => return Err(read_error(name)(source)),
+        }
+    }
+    Ok(entries)
+}
+
+/// Every frontend with its backends, ordered by frontend.
+pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        typed(open_pinned(pin_dir, MAP_SERVICES)?, MAP_SERVICES)?;
+    let slots: HashMap<MapData, SlotKey, Slot> =
+        typed(open_pinned(pin_dir, MAP_SLOTS)?, MAP_SLOTS)?;
+    let backends: Array<MapData, Backend> =
+        typed(open_pinned(pin_dir, MAP_BACKENDS)?, MAP_BACKENDS)?;
+    let revnat: HashMap<MapData, BackendAddr, RevNat> =
+        typed(open_pinned(pin_dir, MAP_REVNAT)?, MAP_REVNAT)?;
+
+    let services = read_hash(&services, MAP_SERVICES)?;
+    let slots = read_hash(&slots, MAP_SLOTS)?;
+    let revnat = read_hash(&revnat, MAP_REVNAT)?;
+
+    // Backend ids of the addresses `LB_REVNAT` lists. Ids are dense (the
+    // agent reuses the lowest free one), so the walk stops early.
+    let mut unresolved: BTreeSet<BackendAddr> = revnat.keys().copied().collect();
+    let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
+    let mut id_of: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    for id in 1..backends.len() {
+        if unresolved.is_empty() {
+            break;
+        }
+        let backend = backends.get(&id, 0).map_err(read_error(MAP_BACKENDS))?;
+        if !backend.is_active() {
+            continue;
+        }
+        let key = BackendAddr::new(backend.addr, backend.port, backend.proto);
+        if unresolved.remove(&key) {
+            id_of.insert(key, id);
+        }
+        by_id.insert(id, backend);
+    }
+    let mut backend = |id: u32| -> Result<Backend, InspectError> {
+        if let Some(backend) = by_id.get(&id) {
+            return Ok(*backend);
+        }
+        let backend = backends.get(&id, 0).map_err(read_error(MAP_BACKENDS))?;
+        by_id.insert(id, backend);
+        Ok(backend)
+    };
+
+    let mut entries = Vec::with_capacity(services.len());
+    for (key, value) in &services {
+        let mut listed = Vec::new();
+        let mut in_slots = BTreeSet::new();
+        for slot in 0..value.backend_count {
+            let Some(entry) = slots.get(&SlotKey {
+                service_id: value.id,
+                slot,
+            }) else {
+                continue;
+            };
+            let b = backend(entry.backend_id)?;
+            in_slots.insert(entry.backend_id);
+            listed.push(BackendEntry {
+                id: entry.backend_id,
+                addr: socket(b.addr, b.port),
+                ready: true,
+                backend_flags: b.flags,
+            });
+        }
+        let mut others: Vec<BackendEntry> = Vec::new();
+        for (addr, links) in &revnat {
+            let count = (links.count as usize).min(links.service_ids.len());
+            if !links.service_ids[..count].contains(&value.id) {
+                continue;
+            }
+            let id = id_of.get(addr).copied().unwrap_or(0);
+            if in_slots.contains(&id) {
+                continue;
+            }
+            let flags = if id == 0 {
+                BACKEND_F_NOT_READY
+            } else {
+                backend(id)?.flags
+            };
+            others.push(BackendEntry {
+                id,
+                addr: socket(addr.addr, addr.port),
+                ready: false,
+                backend_flags: flags,
+            });
+        }
+        others.sort_by_key(|entry| entry.addr);
+        listed.extend(others);
+        entries.push(ServiceEntry {
+            frontend: socket(key.addr, key.port),
+            proto: proto_name(key.proto),
+            service_id: value.id,
+            flags: value.flags,
+            backends: listed,
+        });
+    }
+    entries.sort_by(|a, b| (a.frontend, &a.proto).cmp(&(b.frontend, &b.proto)));
+    Ok(entries)
+}
+
+/// Seconds of CLOCK_MONOTONIC, the clock of `bpf_ktime_get_coarse_ns`.
+fn monotonic_secs() -> Result<u64, InspectError> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return Err(InspectError::Clock(io::Error::last_os_error()));
+    }
+    Ok(now.tv_sec as u64)
+}
+
+fn flow_flags(flags: u8) -> Vec<String> {
+    [
+        (FLOW_F_REPLY_SEEN, "reply_seen"),
+        (FLOW_F_FIN_CLIENT, "fin_client"),
+        (FLOW_F_FIN_BACKEND, "fin_backend"),
+        (FLOW_F_RST, "rst"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name.to_owned())
+    .collect()
+}
+
+/// Every tracked flow, ordered by protocol, client and frontend.
+pub fn conntrack(pin_dir: &Path) -> Result<Vec<FlowEntry>, InspectError> {
+    let flows: HashMap<MapData, FlowKey, Flow> =
+        typed(open_pinned(pin_dir, MAP_CONNTRACK)?, MAP_CONNTRACK)?;
+    let flows = read_hash(&flows, MAP_CONNTRACK)?;
+    let now = monotonic_secs()?;
+    let mut entries: Vec<FlowEntry> = flows
+        .iter()
+        .map(|(key, flow)| FlowEntry {
+            proto: proto_name(key.proto),
+            client: socket(key.client_addr, key.client_port),
+            frontend: socket(flow.frontend_addr, flow.frontend_port),
+            backend: socket(flow.backend_addr, flow.backend_port),
+            service_id: key.service_id,
+            backend_id: flow.backend_id,
+            idle_secs: u32::try_from(now.saturating_sub(u64::from(flow.last_seen)))
+                .unwrap_or(u32::MAX),
+            flags: flow_flags(flow.flags),
+        })
+        .collect();
+    entries.sort_by(|a, b| {
+        (&a.proto, a.client, a.frontend, a.service_id).cmp(&(
+            &b.proto,
+            b.client,
+            b.frontend,
+            b.service_id,
+        ))
+    });
+    Ok(entries)
+}
+
+/// Every datapath counter, summed over CPUs, in [`Counter`] order.
+pub fn counters(pin_dir: &Path) -> Result<Vec<(String, u64)>, InspectError> {
+    let counters: PerCpuArray<MapData, u64> =
+        typed(open_pinned(pin_dir, MAP_COUNTERS)?, MAP_COUNTERS)?;
+    let expected = lb_common::counters::COUNTER_COUNT;
+    if counters.len() < expected {
+        return Err(InspectError::CounterCount {
+            actual: counters.len(),
+            expected,
+        });
+    }
+    Counter::ALL
+        .into_iter()
+        .map(|counter| {
+            let per_cpu = counters
+                .get(&(counter as u32), 0)
+                .map_err(read_error(MAP_COUNTERS))?;
+            Ok((counter.name().to_owned(), per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    table
+}
+
+/// Services as a table, one row per frontend, one line per backend.
+pub fn services_table(entries: &[ServiceEntry]) -> Table {
+    let mut table = table(&["FRONTEND", "PROTO", "SERVICE ID", "FLAGS", "BACKENDS"]);
+    for entry in entries {
+        let backends = if entry.backends.is_empty() {
+            "(none)".to_owned()
+        } else {
+            entry
+                .backends
+                .iter()
+                .map(|backend| {
+                    let state = if backend.ready { "ready" } else { "not ready" };
+                    format!("{} #{} {state}", backend.addr, backend.id)
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        table.add_row(vec![
+            Cell::new(entry.frontend),
+            Cell::new(&entry.proto),
+            Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{:#x}", entry.flags)),
+            Cell::new(backends),
+        ]);
+    }
+    table
+}
+
+/// Flows as a table.
+pub fn conntrack_table(entries: &[FlowEntry]) -> Table {
+    let mut table = table(&[
+        "PROTO",
+        "CLIENT",
+        "FRONTEND",
+        "BACKEND",
+        "SERVICE ID",
+        "BACKEND ID",
+        "IDLE (s)",
+        "FLAGS",
+    ]);
+    for entry in entries {
+        table.add_row(vec![
+            Cell::new(&entry.proto),
+            Cell::new(entry.client),
+            Cell::new(entry.frontend),
+            Cell::new(entry.backend),
+            Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
+            Cell::new(entry.backend_id).set_alignment(CellAlignment::Right),
+            Cell::new(entry.idle_secs).set_alignment(CellAlignment::Right),
+            Cell::new(entry.flags.join(",")),
+        ]);
+    }
+    table
+}
+
+/// Counters as a table.
+pub fn counters_table(entries: &[(String, u64)]) -> Table {
+    let mut table = table(&["COUNTER", "PACKETS"]);
+    for (name, value) in entries {
+        table.add_row(vec![
+            Cell::new(name),
+            Cell::new(value).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_flags_are_named() {
+        assert!(flow_flags(0).is_empty());
+        assert_eq!(
+            flow_flags(FLOW_F_REPLY_SEEN | FLOW_F_RST),
+            ["reply_seen", "rst"]
+        );
+    }
+
+    #[test]
+    fn tables_render_every_entry() {
+        let entry = ServiceEntry {
+            frontend: "198.18.100.10:80".parse().unwrap(),
+            proto: "tcp".into(),
+            service_id: 3,
+            flags: 0,
+            backends: vec![
+                BackendEntry {
+                    id: 1,
+                    addr: "198.18.0.10:8080".parse().unwrap(),
+                    ready: true,
+                    backend_flags: 1,
+                },
+                BackendEntry {
+                    id: 2,
+                    addr: "198.18.0.11:8080".parse().unwrap(),
+                    ready: false,
+                    backend_flags: 3,
+                },
+            ],
+        };
+        let text = services_table(&[entry]).to_string();
+        assert!(text.contains("198.18.100.10:80"));
+        assert!(text.contains("198.18.0.10:8080 #1 ready"));
+        assert!(text.contains("198.18.0.11:8080 #2 not ready"));
+        let text = counters_table(&[("pass".into(), 7)]).to_string();
+        assert!(text.contains("pass") && text.contains('7'));
+    }
+}

@@ -1,0 +1,5 @@
+//! Where Services and EndpointSlices come from. Each source yields plain
+//! sets of `k8s-openapi` objects; [`crate::translate`] turns them into the
+//! desired state the same way for all of them.
+
+pub mod manifests;

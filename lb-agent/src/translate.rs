@@ -1,0 +1,1071 @@
+//! Services and EndpointSlices -> [`DesiredState`], with kube-proxy's rules.
+//!
+//! The input is plain sets of `k8s-openapi` objects, whatever their origin
+//! (a directory of manifests now, the Kubernetes API later), so every source
+//! gets the same semantics:
+//!
+//! - One service port per entry of `spec.ports`; one frontend per IPv4
+//!   address of `spec.clusterIPs` (or `spec.clusterIP`) and that port.
+//! - Headless (`clusterIP: None`) and `ExternalName` Services are not
+//!   proxied, nor is a Service (or EndpointSlice) labelled
+//!   `service.kubernetes.io/service-proxy-name` (another proxy owns it), nor
+//!   an EndpointSlice labelled `service.kubernetes.io/headless`: these are
+//!   the label selectors kube-proxy watches with.
+//! - TCP and UDP only; an SCTP port is skipped with a warning.
+//! - EndpointSlices join their Service by namespace and the label
+//!   `kubernetes.io/service-name`; only `addressType: IPv4` slices count;
+//!   several slices of one Service are merged and endpoints deduplicated by
+//!   address (ready if any copy is ready).
+//! - A service port's backends come from the slice port with the same name
+//!   and protocol: its number is the target port. That is how a named
+//!   `targetPort` resolves, through the EndpointSlice's ports.
+//! - Only an endpoint's first address is used (the API says addresses are
+//!   fungible and consumers may use only the first; kube-proxy does).
+//! - Ready means `conditions.ready` true or unset. A not-ready endpoint is
+//!   still listed (its flows keep working) but gets no new connection.
+//!   As kube-proxy does, when a service port has no ready endpoint at all,
+//!   its serving-and-terminating endpoints take new connections instead.
+//!
+//! [`validate_service`] and [`validate_endpoint_slice`] reject objects that
+//! make no sense (the checks the API server would have made for the fields
+//! we use); a source uses them to keep the last good version of an object.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{DesiredState, Frontend, Protocol, Readiness, ServicePort, ServicePortName};
+
+/// Label joining an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label naming the proxy that owns a Service; kube-proxy skips such objects.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on slices of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Namespace of an object that names none (as `kubectl apply` assumes).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The kinds of object the agent reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        })
+    }
+}
+
+/// An object's identity: kind, namespace and name. Displays as
+/// `Service default/web`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(kind: Kind, meta: &ObjectMeta) -> Self {
+        Self {
+            kind,
+            namespace: namespace_of(meta).to_owned(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn of_service(service: &Service) -> Self {
+        Self::new(Kind::Service, &service.metadata)
+    }
+
+    pub fn of_slice(slice: &EndpointSlice) -> Self {
+        Self::new(Kind::EndpointSlice, &slice.metadata)
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = if self.name.is_empty() {
+            "<unnamed>"
+        } else {
+            &self.name
+        };
+        write!(f, "{} {}/{}", self.kind, self.namespace, name)
+    }
+}
+
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// A field of an object that makes no sense.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("field {field}: {message}")]
+pub struct InvalidField {
+    /// Path of the field, as in `kubectl explain`: `spec.ports[0].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl InvalidField {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a Service or EndpointSlice protocol (`TCP` when unset). `None`
+/// for an unknown protocol; `Some(None)` for SCTP, valid but not proxied.
+fn parse_protocol(protocol: Option<&str>) -> Option<Option<Protocol>> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(Some(Protocol::Tcp)),
+        "UDP" => Some(Some(Protocol::Udp)),
+        "SCTP" => Some(None),
+        _ => None,
+    }
+}
+
+fn check_port(field: String, port: i32) -> Result<u16, InvalidField> {
+    u16::try_from(port)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| InvalidField::new(field, format!("{port} is not a valid port (1-65535)")))
+}
+
+fn check_name(meta: &ObjectMeta) -> Result<(), InvalidField> {
+    match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => Ok(()),
+        _ => Err(InvalidField::new("metadata.name", "missing")),
+    }
+}
+
+fn check_protocol(field: String, protocol: Option<&str>) -> Result<(), InvalidField> {
+    parse_protocol(protocol).map(|_| ()).ok_or_else(|| {
+        InvalidField::new(
+            field,
+            format!("{:?} is not TCP, UDP or SCTP", protocol.unwrap_or_default()),
+        )
+    })
+}
+
+/// Checks the fields of a Service this agent uses.
+pub fn validate_service(service: &Service) -> Result<(), InvalidField> {
+    check_name(&service.metadata)?;
+    let Some(spec) = &service.spec else {
+        return Err(InvalidField::new("spec", "missing"));
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        // Nothing else of an ExternalName Service matters here.
+        Some("ExternalName") => return Ok(()),
+        Some(other) => {
+            return Err(InvalidField::new(
+                "spec.type",
+                format!("{other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"),
+            ));
+        }
+    }
+    let check_ip = |field: String, ip: &str| -> Result<(), InvalidField> {
+        if ip == "None" || ip.parse::<IpAddr>().is_ok() {
+            Ok(())
+        } else {
+            Err(InvalidField::new(
+                field,
+                format!("{ip:?} is not an IP address (nor \"None\")"),
+            ))
+        }
+    };
+    if let Some(cluster_ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()) {
+        check_ip("spec.clusterIP".into(), cluster_ip)?;
+    }
+    let cluster_ips = spec.cluster_ips.as_deref().unwrap_or_default();
+    for (i, ip) in cluster_ips.iter().enumerate() {
+        check_ip(format!("spec.clusterIPs[{i}]"), ip)?;
+    }
+    if let (Some(first), Some(cluster_ip)) = (
+        cluster_ips.first(),
+        spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()),
+    ) && first != cluster_ip
+    {
+        return Err(InvalidField::new(
+            "spec.clusterIPs[0]",
+            format!("{first:?} differs from spec.clusterIP {cluster_ip:?}"),
+        ));
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let number = check_port(format!("spec.ports[{i}].port"), port.port)?;
+        check_protocol(
+            format!("spec.ports[{i}].protocol"),
+            port.protocol.as_deref(),
+        )?;
+        let name = port.name.as_deref().unwrap_or_default();
+        if ports.len() > 1 && name.is_empty() {
+            return Err(InvalidField::new(
+                format!("spec.ports[{i}].name"),
+                "required when a Service has more than one port",
+            ));
+        }
+        if !names.insert(name) {
+            return Err(InvalidField::new(
+                format!("spec.ports[{i}].name"),
+                format!("duplicate port name {name:?}"),
+            ));
+        }
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        if !numbers.insert((number, protocol)) {
+            return Err(InvalidField::new(
+                format!("spec.ports[{i}].port"),
+                format!("duplicate port {number}/{protocol}"),
+            ));
+        }
+        match &port.target_port {
+            Some(IntOrString::Int(target)) => {
+                check_port(format!("spec.ports[{i}].targetPort"), *target)?;
+            }
+            Some(IntOrString::String(target)) if target.is_empty() => {
+                return Err(InvalidField::new(
+                    format!("spec.ports[{i}].targetPort"),
+                    "empty port name",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks the fields of an EndpointSlice this agent uses.
+pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), InvalidField> {
+    check_name(&slice.metadata)?;
+    let address_type = slice.address_type.as_str();
+    if !matches!(address_type, "IPv4" | "IPv6" | "FQDN") {
+        return Err(InvalidField::new(
+            "addressType",
+            format!("{address_type:?} is not IPv4, IPv6 or FQDN"),
+        ));
+    }
+    for (i, port) in slice.ports.iter().flatten().enumerate() {
+        if let Some(number) = port.port {
+            check_port(format!("ports[{i}].port"), number)?;
+        }
+        check_protocol(format!("ports[{i}].protocol"), port.protocol.as_deref())?;
+    }
+    for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        if endpoint.addresses.is_empty() {
+            return Err(InvalidField::new(
+                format!("endpoints[{i}].addresses"),
+                "must list at least one address",
+            ));
+        }
+        for (j, address) in endpoint.addresses.iter().enumerate() {
+            let valid = match address_type {
+                "IPv4" => address.parse::<Ipv4Addr>().is_ok(),
+                "IPv6" => address.parse::<Ipv6Addr>().is_ok(),
+                _ => !address.is_empty(),
+            };
+            if !valid {
+                return Err(InvalidField::new(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{address:?} is not a valid {address_type} address"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How much a [`Notice`] matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NoticeLevel {
+    /// Expected and harmless (a headless Service, an IPv6 slice).
+    Debug,
+    /// Probably a mistake in the input; the rest is still translated.
+    Warn,
+}
+
+/// Something translation skipped, and why. Translation is repeated on
+/// every change, so the caller logs a notice once, when it first appears.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Notice {
+    pub level: NoticeLevel,
+    pub object: ObjectRef,
+    pub message: String,
+}
+
+/// The result of [`translate`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub notices: Vec<Notice>,
+}
+
+/// Translates sets of Services and EndpointSlices into the desired state.
+/// Deterministic: the order of the input does not matter. An object that
+/// fails validation is skipped with a warning notice.
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Translation {
+    let mut translation = Translation::default();
+    let notices = &mut translation.notices;
+    let mut notice = |level, object: ObjectRef, message: String| {
+        notices.push(Notice {
+            level,
+            object,
+            message,
+        })
+    };
+
+    // Slices by (namespace, service name), each list in slice-name order.
+    let mut slices_by_service: BTreeMap<(String, String), BTreeMap<String, &EndpointSlice>> =
+        BTreeMap::new();
+    for slice in slices {
+        let object = ObjectRef::of_slice(slice);
+        if let Err(error) = validate_endpoint_slice(slice) {
+            notice(NoticeLevel::Warn, object, format!("ignored: {error}"));
+            continue;
+        }
+        if let Some(proxy) = label(&slice.metadata, LABEL_SERVICE_PROXY_NAME) {
+            notice(
+                NoticeLevel::Debug,
+                object,
+                format!("ignored: labelled {LABEL_SERVICE_PROXY_NAME}={proxy}"),
+            );
+            continue;
+        }
+        if label(&slice.metadata, LABEL_HEADLESS).is_some() {
+            notice(
+                NoticeLevel::Debug,
+                object,
+                format!("ignored: labelled {LABEL_HEADLESS}"),
+            );
+            continue;
+        }
+        if slice.address_type != "IPv4" {
+            notice(
+                NoticeLevel::Debug,
+                object,
+                format!("ignored: addressType {}", slice.address_type),
+            );
+            continue;
+        }
+        let Some(service_name) = label(&slice.metadata, LABEL_SERVICE_NAME) else {
+            notice(
+                NoticeLevel::Warn,
+                object,
+                format!("ignored: no {LABEL_SERVICE_NAME} label joins it to a Service"),
+            );
+            continue;
+        };
+        let by_name = slices_by_service
+            .entry((object.namespace.clone(), service_name.to_owned()))
+            .or_default();
+        if by_name.insert(object.name.clone(), slice).is_some() {
+            notice(
+                NoticeLevel::Warn,
+                object,
+                "defined twice; the last one is used".into(),
+            );
+        }
+    }
+
+    let mut services_by_name: BTreeMap<ObjectRef, &Service> = BTreeMap::new();
+    for service in services {
+        let object = ObjectRef::of_service(service);
+        if let Err(error) = validate_service(service) {
+            notice(NoticeLevel::Warn, object, format!("ignored: {error}"));
+            continue;
+        }
+        if services_by_name.insert(object.clone(), service).is_some() {
+            notice(
+                NoticeLevel::Warn,
+                object,
+                "defined twice; the last one is used".into(),
+            );
+        }
+    }
+
+    for (object, service) in services_by_name {
+        let key = (object.namespace.clone(), object.name.clone());
+        let slices = slices_by_service
+            .get(&key)
+            .map(|by_name| by_name.values().copied().collect::<Vec<_>>())
+            .unwrap_or_default();
+        translate_service(
+            &object,
+            service,
+            &slices,
+            &mut translation.state,
+            &mut notice,
+        );
+    }
+    translation.notices.sort();
+    translation.notices.dedup();
+    translation
+}
+
+fn translate_service(
+    object: &ObjectRef,
+    service: &Service,
+    slices: &[&EndpointSlice],
+    state: &mut DesiredState,
+    notice: &mut impl FnMut(NoticeLevel, ObjectRef, String),
+) {
+    let Some(spec) = &service.spec else {
+        return;
+    };
+    if let Some(proxy) = label(&service.metadata, LABEL_SERVICE_PROXY_NAME) {
+        notice(
+            NoticeLevel::Debug,
+            object.clone(),
+            format!("not proxied: labelled {LABEL_SERVICE_PROXY_NAME}={proxy}"),
+        );
+        return;
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        notice(
+            NoticeLevel::Debug,
+            object.clone(),
+            "not proxied: type ExternalName".into(),
+        );
+        return;
+    }
+    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty())
+            .into_iter()
+            .collect(),
+    };
+    if cluster_ips.contains(&"None") {
+        notice(
+            NoticeLevel::Debug,
+            object.clone(),
+            "not proxied: headless (clusterIP None)".into(),
+        );
+        return;
+    }
+    if cluster_ips.is_empty() {
+        notice(
+            NoticeLevel::Warn,
+            object.clone(),
+            "not proxied: no spec.clusterIP (the API server allocates one; a manifest must set it)"
+                .into(),
+        );
+        return;
+    }
+    let addrs: Vec<Ipv4Addr> = cluster_ips
+        .iter()
+        .filter_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        .collect();
+    if addrs.is_empty() {
+        notice(
+            NoticeLevel::Debug,
+            object.clone(),
+            "not proxied: no IPv4 cluster IP".into(),
+        );
+        return;
+    }
+
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let Some(Some(proto)) = parse_protocol(port.protocol.as_deref()) else {
+            notice(
+                NoticeLevel::Warn,
+                object.clone(),
+                format!("spec.ports[{i}]: SCTP is not supported; port skipped"),
+            );
+            continue;
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
+        let port_name = port.name.clone().unwrap_or_default();
+        let frontends = addrs
+            .iter()
+            .map(|&addr| Frontend {
+                addr,
+                port: number,
+                proto,
+            })
+            .collect();
+        let backends = backends_of(&port_name, proto, slices);
+        let name = ServicePortName {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            port_name,
+            proto,
+        };
+        for conflict in state.insert(
+            name,
+            ServicePort {
+                frontends,
+                backends,
+            },
+        ) {
+            notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
+        }
+    }
+}
+
+/// Conditions of one endpoint address, merged over its copies.
+#[derive(Clone, Copy, Default)]
+struct Conditions {
+    ready: bool,
+    serving_terminating: bool,
+}
+
+impl Conditions {
+    fn of(endpoint: &Endpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        Self {
+            ready,
+            serving_terminating: serving && terminating,
+        }
+    }
+}
+
+/// Backends of the service port `port_name`/`proto` from its slices.
+fn backends_of(
+    port_name: &str,
+    proto: Protocol,
+    slices: &[&EndpointSlice],
+) -> BTreeMap<SocketAddrV4, Readiness> {
+    let mut endpoints: BTreeMap<SocketAddrV4, Conditions> = BTreeMap::new();
+    for slice in slices {
+        // The slice port of the same name and protocol gives the target
+        // port; a slice without one has no endpoint for this service port.
+        let target_port = slice.ports.iter().flatten().find_map(|port| {
+            let same_name = port.name.as_deref().unwrap_or_default() == port_name;
+            let same_proto = parse_protocol(port.protocol.as_deref()) == Some(Some(proto));
+            (same_name && same_proto)
+                .then_some(port.port)
+                .flatten()
+                .and_then(|number| u16::try_from(number).ok())
+                .filter(|number| *number != 0)
+        });
+        let Some(target_port) = target_port else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let Some(addr) = endpoint
+                .addresses
+                .first()
+                .and_then(|address| address.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let conditions = Conditions::of(endpoint);
+            let merged = endpoints
+                .entry(SocketAddrV4::new(addr, target_port))
+                .or_default();
+            merged.ready |= conditions.ready;
+            merged.serving_terminating |= conditions.serving_terminating;
+        }
+    }
+    // kube-proxy: with no ready endpoint, serving terminating endpoints
+    // take new connections rather than refusing them.
+    let any_ready = endpoints.values().any(|c| c.ready);
+    endpoints
+        .into_iter()
+        .map(|(addr, c)| {
+            let ready = c.ready || (!any_ready && c.serving_terminating);
+            let readiness = if ready {
+                Readiness::Ready
+            } else {
+                Readiness::NotReady
+            };
+            (addr, readiness)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn name(service: &str, port: &str, proto: Protocol) -> ServicePortName {
+        ServicePortName {
+            namespace: "default".into(),
+            name: service.into(),
+            port_name: port.into(),
+            proto,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 198.18.100.10
+  ports:
+  - {name: http, port: 80, targetPort: web}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+    const WEB_SLICE_A: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [198.18.0.10]
+- addresses: [198.18.0.11]
+  conditions: {ready: false}
+"#;
+
+    const WEB_SLICE_B: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-b
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+endpoints:
+- addresses: [198.18.0.12]
+  conditions: {ready: true}
+- addresses: [198.18.0.10]
+  conditions: {ready: false}
+"#;
+
+    #[test]
+    fn multi_port_service_with_named_target_port_and_several_slices() {
+        let services = [service(WEB)];
+        let slices = [slice(WEB_SLICE_A), slice(WEB_SLICE_B)];
+        let translation = translate(&services, &slices);
+        assert!(translation.notices.is_empty(), "{:?}", translation.notices);
+        let state = translation.state;
+        assert_eq!(state.services().len(), 2);
+
+        let http = state.service(&name("web", "http", Protocol::Tcp)).unwrap();
+        assert_eq!(
+            http.frontends.iter().copied().collect::<Vec<_>>(),
+            [Frontend {
+                addr: Ipv4Addr::new(198, 18, 100, 10),
+                port: 80,
+                proto: Protocol::Tcp
+            }]
+        );
+        // The named targetPort "web" resolves through the slice port named
+        // like the service port: 8080. 198.18.0.10 is in both slices, ready
+        // in one: listed once, ready.
+        assert_eq!(
+            http.backends,
+            BTreeMap::from([
+                (addr("198.18.0.10:8080"), Readiness::Ready),
+                (addr("198.18.0.11:8080"), Readiness::NotReady),
+                (addr("198.18.0.12:8080"), Readiness::Ready),
+            ])
+        );
+
+        let dns = state.service(&name("web", "dns", Protocol::Udp)).unwrap();
+        assert_eq!(dns.frontends.first().unwrap().port, 53);
+        assert_eq!(dns.frontends.first().unwrap().proto, Protocol::Udp);
+        // Only web-a has a "dns" port.
+        assert_eq!(
+            dns.backends,
+            BTreeMap::from([
+                (addr("198.18.0.10:5353"), Readiness::Ready),
+                (addr("198.18.0.11:5353"), Readiness::NotReady),
+            ])
+        );
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let forward = translate(&[service(WEB)], &[slice(WEB_SLICE_A), slice(WEB_SLICE_B)]);
+        let backward = translate(&[service(WEB)], &[slice(WEB_SLICE_B), slice(WEB_SLICE_A)]);
+        assert_eq!(forward, backward);
+    }
+
+    #[test]
+    fn slice_port_must_match_name_and_protocol() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 198.18.100.10
+  ports: [{port: 80}]
+"#,
+        )];
+        // Unnamed service port: matches the unnamed slice port, not the
+        // named one, and not the UDP one.
+        let slices = [slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: other, port: 9000}
+- {port: 9001, protocol: UDP}
+- {port: 9002}
+endpoints:
+- addresses: [198.18.0.10]
+"#,
+        )];
+        let state = translate(&services, &slices).state;
+        let port = state.service(&name("web", "", Protocol::Tcp)).unwrap();
+        assert_eq!(
+            port.backends.keys().copied().collect::<Vec<_>>(),
+            [addr("198.18.0.10:9002")]
+        );
+    }
+
+    #[test]
+    fn every_ipv4_cluster_ip_is_a_frontend() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: apps}
+spec:
+  clusterIP: 198.18.100.20
+  clusterIPs: [198.18.100.20, "2001:db8::20"]
+  ports: [{port: 443}]
+"#,
+        )];
+        let state = translate(&services, &[]).state;
+        let frontends: Vec<_> = state.frontends().map(|(f, n)| (*f, n.clone())).collect();
+        assert_eq!(frontends.len(), 1);
+        assert_eq!(frontends[0].0.addr, Ipv4Addr::new(198, 18, 100, 20));
+        assert_eq!(frontends[0].1.namespace, "apps");
+    }
+
+    #[test]
+    fn unproxied_services_are_ignored() {
+        let services = [
+            service(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+"#,
+            ),
+            service(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {name: external}
+spec: {type: ExternalName, externalName: example.org, ports: [{port: 80}]}
+"#,
+            ),
+            service(
+                r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: other-proxy
+  labels: {service.kubernetes.io/service-proxy-name: someone-else}
+spec: {clusterIP: 198.18.100.30, ports: [{port: 80}]}
+"#,
+            ),
+        ];
+        let translation = translate(&services, &[]);
+        assert!(translation.state.is_empty());
+        assert_eq!(translation.notices.len(), 3);
+        assert!(
+            translation
+                .notices
+                .iter()
+                .all(|n| n.level == NoticeLevel::Debug)
+        );
+    }
+
+    #[test]
+    fn sctp_port_is_skipped_with_one_warning() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  clusterIP: 198.18.100.40
+  ports:
+  - {name: a, port: 80}
+  - {name: b, port: 90, protocol: SCTP}
+"#,
+        )];
+        let translation = translate(&services, &[]);
+        assert_eq!(translation.state.services().len(), 1);
+        let warnings: Vec<_> = translation
+            .notices
+            .iter()
+            .filter(|n| n.level == NoticeLevel::Warn)
+            .collect();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].message.contains("SCTP"));
+    }
+
+    #[test]
+    fn ipv6_fqdn_unlabelled_and_foreign_slices_are_ignored() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
+"#,
+        )];
+        let slices = [
+            slice(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["2001:db8::1"]}]
+"#,
+            ),
+            slice(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: fqdn, labels: {kubernetes.io/service-name: web}}
+addressType: FQDN
+ports: [{port: 8080}]
+endpoints: [{addresses: [pod.example.org]}]
+"#,
+            ),
+            slice(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.18.0.1]}]
+"#,
+            ),
+            slice(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other-ns, namespace: elsewhere, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [198.18.0.2]}]
+"#,
+            ),
+        ];
+        let state = translate(&services, &slices).state;
+        let web = state.service(&name("web", "", Protocol::Tcp)).unwrap();
+        assert!(web.backends.is_empty(), "{:?}", web.backends);
+    }
+
+    #[test]
+    fn readiness_follows_conditions() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
+"#,
+        )];
+        let slices = [slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [198.18.0.1]
+- addresses: [198.18.0.2]
+  conditions: {}
+- addresses: [198.18.0.3]
+  conditions: {ready: false}
+- addresses: [198.18.0.4]
+  conditions: {ready: false, serving: true, terminating: true}
+"#,
+        )];
+        let state = translate(&services, &slices).state;
+        let web = state.service(&name("web", "", Protocol::Tcp)).unwrap();
+        assert_eq!(
+            web.backends,
+            BTreeMap::from([
+                (addr("198.18.0.1:8080"), Readiness::Ready),
+                (addr("198.18.0.2:8080"), Readiness::Ready),
+                (addr("198.18.0.3:8080"), Readiness::NotReady),
+                // Ready endpoints exist, so no terminating fallback.
+                (addr("198.18.0.4:8080"), Readiness::NotReady),
+            ])
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_when_none_is_ready() {
+        let services = [service(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
+"#,
+        )];
+        let slices = [slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [198.18.0.3]
+  conditions: {ready: false}
+- addresses: [198.18.0.4]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [198.18.0.5]
+  conditions: {ready: false, serving: false, terminating: true}
+"#,
+        )];
+        let state = translate(&services, &slices).state;
+        let web = state.service(&name("web", "", Protocol::Tcp)).unwrap();
+        assert_eq!(
+            web.backends,
+            BTreeMap::from([
+                (addr("198.18.0.3:8080"), Readiness::NotReady),
+                (addr("198.18.0.4:8080"), Readiness::Ready),
+                (addr("198.18.0.5:8080"), Readiness::NotReady),
+            ])
+        );
+    }
+
+    #[test]
+    fn conflicting_frontend_keeps_first_owner() {
+        let services = [
+            service(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
+"#,
+            ),
+            service(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
+"#,
+            ),
+        ];
+        let translation = translate(&services, &[]);
+        let (_, owner) = translation.state.frontends().next().unwrap();
+        assert_eq!(owner.name, "a");
+        assert_eq!(translation.notices.len(), 1);
+        assert_eq!(translation.notices[0].object.name, "b");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases = [
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}]}",
+                "metadata.name",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 300.1.1.1, ports: [{port: 80}]}",
+                "spec.clusterIP",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 0}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 198.18.0.1, ports: [{name: a, port: 80}, {name: b, port: 70000}]}",
+                "spec.ports[1].port",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}, {port: 81}]}",
+                "spec.ports[0].name",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80, protocol: ICMP}]}",
+                "spec.ports[0].protocol",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let error = validate_service(&service(yaml)).unwrap_err();
+            assert_eq!(error.field, field, "{yaml}");
+        }
+        let slice_cases = [
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [198.18.0.1]}, {addresses: [not-an-ip]}]",
+                "endpoints[1].addresses[0]",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nports: [{port: 0}]\nendpoints: []",
+                "ports[0].port",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv5\nendpoints: []",
+                "addressType",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: []}]",
+                "endpoints[0].addresses",
+            ),
+        ];
+        for (yaml, field) in slice_cases {
+            let error = validate_endpoint_slice(&slice(yaml)).unwrap_err();
+            assert_eq!(error.field, field, "{yaml}");
+        }
+        assert_eq!(validate_service(&service(WEB)), Ok(()));
+        assert_eq!(validate_endpoint_slice(&slice(WEB_SLICE_A)), Ok(()));
+    }
+}
