@@ -11,15 +11,20 @@ use crate::{
 
 /// Sets up and builds (the namespace tests spawn the agent binary, which
 /// `cargo test` does not build for another package's tests), then runs
-/// `cargo test` with the agent's path in [`AGENT_BINARY_VARIABLE`]. `args`
-/// go to `cargo test` as given; the whole host workspace is tested unless
-/// they select packages themselves.
+/// `cargo test --no-fail-fast` with the agent's path in
+/// [`AGENT_BINARY_VARIABLE`]. `args` go to `cargo test` as given; the whole
+/// host workspace is tested unless they select packages themselves.
 pub fn test(profile: Profile, args: &[OsString]) -> Result<()> {
     let agent = setup_and_build(profile)?;
     let mut command = cargo();
     command.arg("test");
     if !selects_packages(args) {
         command.args(HOST_PACKAGES);
+    }
+    // Every test binary runs even after one fails, so that a CI log holds
+    // every failure and every summary line.
+    if !args.iter().any(|arg| arg == "--no-fail-fast") {
+        command.arg("--no-fail-fast");
     }
     profile.apply(&mut command);
     command.args(args).env(AGENT_BINARY_VARIABLE, &agent);
