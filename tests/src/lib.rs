@@ -25,6 +25,7 @@ pub mod error;
 pub mod manifests;
 pub mod names;
 pub mod netns;
+pub mod packet;
 pub mod topology;
 pub mod traffic;
 pub mod wait;

@@ -1,0 +1,135 @@
+//! Measurement harness for `lb_tc_pod`, built as its own object so none of
+//! it ships in the production datapath.
+//!
+//! `BPF_PROG_TEST_RUN` with `repeat > 1` re-runs a program on the buffer it
+//! already rewrote, so a translating program would measure the path of its
+//! own output from the second run on. `lb_bench_run` is the program under
+//! test-run instead: before every run it copies the original packet from
+//! `LB_BENCH_INPUT` back into the skb (optionally stepping the source
+//! address so every run is a new flow), then tail-calls slot 0 of
+//! `LB_BENCH_TARGET`, where userspace puts `lb_tc_pod` (or, to calibrate,
+//! `lb_bench_empty`). The tail-called program's verdict is the run's
+//! verdict; a failed tail call returns [`TAIL_CALL_FAILED`].
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::TC_ACT_OK,
+    btf_maps::{Array, ProgramArray},
+    helpers::generated::bpf_skb_store_bytes,
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+
+/// Largest packet the harness replays.
+const MAX_PACKET_LEN: usize = 256;
+
+/// Verdict of a run whose tail call failed (no TC verdict uses it).
+const TAIL_CALL_FAILED: i32 = 0xbad;
+
+/// The packet replayed before every run. Userspace fills it; with
+/// `step_source` set, the program increments the IPv4 source address in it
+/// before each run and keeps the IPv4 and L4 checksums correct.
+#[repr(C)]
+pub struct BenchInput {
+    /// Bytes of `data` to replay (the length of the test-run packet).
+    pub len: u32,
+    /// Non-zero: step the source address every run (a new flow each run).
+    pub step_source: u32,
+    /// Offset of the L4 checksum in `data`; 0 when there is none to update
+    /// (UDP without checksum).
+    pub l4_csum_off: u32,
+    pub _pad: u32,
+    pub data: [u8; MAX_PACKET_LEN],
+}
+
+/// Offsets in an untagged Ethernet frame carrying IPv4.
+const IP_CSUM_OFF: usize = 14 + 10;
+const IP_SRC_OFF: usize = 14 + 12;
+
+#[btf_map]
+static LB_BENCH_INPUT: Array<BenchInput, 1> = Array::new();
+
+/// Slot 0: the program each run tail-calls.
+#[btf_map]
+static LB_BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// Replays the stored packet, then tail-calls the program under test.
+#[classifier]
+fn lb_bench_run(ctx: TcContext) -> i32 {
+    let Some(input) = LB_BENCH_INPUT.get_ptr_mut(0) else {
+        return TAIL_CALL_FAILED;
+    };
+    // SAFETY: the map value stays valid for the run; test runs of one
+    // program are serialized on this CPU.
+    let input = unsafe { &mut *input };
+    if input.step_source != 0 {
+        step_source(input);
+    }
+    let len = input.len;
+    if len == 0 || len as usize > MAX_PACKET_LEN {
+        return TAIL_CALL_FAILED;
+    }
+    // SAFETY: `data` holds `MAX_PACKET_LEN` >= `len` bytes; the helper
+    // bounds-checks the packet side (the skb has the same length).
+    let ret =
+        unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, input.data.as_ptr().cast(), len, 0) };
+    if ret != 0 {
+        return TAIL_CALL_FAILED;
+    }
+    // SAFETY: on success control never returns here.
+    unsafe { LB_BENCH_TARGET.tail_call(&ctx, 0) };
+    TAIL_CALL_FAILED
+}
+
+/// The calibration target: does nothing, so a run through it costs the
+/// replay, the tail call and the test-run loop.
+#[classifier]
+fn lb_bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Adds one to the IPv4 source address in `input.data` and patches the IP
+/// and L4 checksums incrementally (RFC 1624).
+#[inline(always)]
+fn step_source(input: &mut BenchInput) {
+    let data = &mut input.data;
+    let old = u32::from_be_bytes([
+        data[IP_SRC_OFF],
+        data[IP_SRC_OFF + 1],
+        data[IP_SRC_OFF + 2],
+        data[IP_SRC_OFF + 3],
+    ]);
+    let new = old.wrapping_add(1);
+    data[IP_SRC_OFF..IP_SRC_OFF + 4].copy_from_slice(&new.to_be_bytes());
+    patch_checksum(data, IP_CSUM_OFF, old, new);
+    let l4_csum_off = input.l4_csum_off as usize;
+    if l4_csum_off != 0 && l4_csum_off + 2 <= MAX_PACKET_LEN {
+        patch_checksum(data, l4_csum_off, old, new);
+    }
+}
+
+#[inline(always)]
+fn patch_checksum(data: &mut [u8; MAX_PACKET_LEN], off: usize, old: u32, new: u32) {
+    if off + 2 > MAX_PACKET_LEN {
+        return;
+    }
+    let check = u16::from_be_bytes([data[off], data[off + 1]]);
+    let mut sum = u64::from(!check)
+        + u64::from(!(old >> 16) & 0xffff)
+        + u64::from(!old & 0xffff)
+        + u64::from(new >> 16)
+        + u64::from(new & 0xffff);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let check = !(sum as u16);
+    data[off..off + 2].copy_from_slice(&check.to_be_bytes());
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

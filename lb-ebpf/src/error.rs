@@ -1,0 +1,48 @@
+//! Failures of the per-packet path. Each maps to exactly one counter and
+//! one action; the entry point counts it (see the verdict table in main.rs).
+
+use lb_common::counters::Counter;
+
+use crate::context::Action;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// Truncated or inconsistent headers: passed to the stack, which drops
+    /// what it cannot parse either.
+    Malformed,
+    /// A slot or its backend vanished between lookups (agent update race):
+    /// dropped, the client retransmits.
+    SlotMiss,
+    /// The flow could not be inserted: dropped, since translating it
+    /// without an entry would break its replies.
+    ConntrackFull,
+    /// Building or sending a reject failed: dropped (the reject was a drop
+    /// with a notification; without the notification it is still a drop).
+    RejectFailed,
+    /// A store or checksum helper failed mid-rewrite: dropped, the packet
+    /// may be half translated.
+    RewriteFailed,
+}
+
+impl Error {
+    #[inline(always)]
+    pub const fn counter(self) -> Counter {
+        match self {
+            Error::Malformed => Counter::Malformed,
+            Error::SlotMiss => Counter::SlotMiss,
+            Error::ConntrackFull => Counter::ConntrackFull,
+            Error::RejectFailed => Counter::RejectFailed,
+            Error::RewriteFailed => Counter::RewriteFailed,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn action(self) -> Action {
+        match self {
+            Error::Malformed => Action::Pass,
+            Error::SlotMiss | Error::ConntrackFull | Error::RejectFailed | Error::RewriteFailed => {
+                Action::Drop
+            }
+        }
+    }
+}

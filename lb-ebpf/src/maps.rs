@@ -1,0 +1,57 @@
+//! Every map of the datapath, in one place.
+//!
+//! Names are the contract with the agent (`lb_common::names`): each static
+//! is named exactly like its `MAP_*` constant, and the agent pins each map
+//! under that name after load. Key and value types come from `lb_common`;
+//! the sizes here are the defaults, which the agent overrides at load time
+//! with `EbpfLoader::set_max_entries`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    backend::{Backend, BackendAddr, RevNat},
+    config::{
+        DatapathConfig,
+        defaults::{MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS},
+    },
+    conntrack::{Flow, FlowKey},
+    counters::COUNTER_COUNT,
+    service::{ServiceKey, ServiceValue, Slot, SlotKey},
+};
+
+/// Frontends: (address, port, protocol) -> service id, number of slots
+/// for new connections, flags.
+#[btf_map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// Backend slots of each service: (service id, slot) -> backend id. Slots
+/// `0..backend_count` hold the ready backends new connections choose from.
+#[btf_map]
+pub static LB_SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }> = HashMap::new();
+
+/// Backends by id (id 0 unused): address, port, protocol, state flags.
+/// A zeroed entry is a free id.
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Reverse NAT candidates: backend (address, port, protocol) -> ids of the
+/// services that list it in any condition.
+#[btf_map]
+pub static LB_REVNAT: HashMap<BackendAddr, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// Connection tracking: (client address, client port, protocol, service
+/// id) -> the flow's backend and frontend, last-seen time, TCP state. LRU,
+/// so a full table evicts the idlest flow instead of refusing new ones.
+#[btf_map]
+pub static LB_CONNTRACK: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Per-CPU packet counters indexed by `lb_common::counters::Counter`.
+#[btf_map]
+pub static LB_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Runtime configuration (one entry): log switch and flow timeouts.
+#[btf_map]
+pub static LB_CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -1,0 +1,363 @@
+//! The datapath object loaded for `BPF_PROG_TEST_RUN`: no pinning, no
+//! attachment, small maps; map contents written with `lb_common` types the
+//! way the agent writes them.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use lb_common::{
+    backend::{
+        BACKEND_F_ACTIVE, BACKEND_F_NOT_READY, Backend, BackendAddr, MAX_REVNAT_SERVICES, RevNat,
+    },
+    config::DatapathConfig,
+    conntrack::{Flow, FlowKey},
+    counters::{COUNTER_COUNT, Counter},
+    names,
+    service::{ServiceKey, ServiceValue, Slot, SlotKey},
+};
+
+use super::{PacketError, Result};
+
+/// TC verdicts as `BPF_PROG_TEST_RUN` reports them.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// Map sizes for packet tests: small, the kernel allocates them up front.
+const TEST_MAX_SERVICES: u32 = 64;
+const TEST_MAX_SLOTS: u32 = 256;
+const TEST_MAX_BACKENDS: u32 = 64;
+const TEST_MAX_FLOWS: u32 = 1024;
+
+/// Network-order `u32` of an address, as the maps hold it.
+pub fn be_addr(addr: &SocketAddrV4) -> u32 {
+    u32::from_ne_bytes(addr.ip().octets())
+}
+
+/// Network-order `u16` of a port, as the maps hold it.
+pub fn be_port(addr: &SocketAddrV4) -> u16 {
+    addr.port().to_be()
+}
+
+/// One backend of a [`ServiceSpec`].
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    /// Index in `LB_BACKENDS` (never 0).
+    pub id: u32,
+    pub addr: SocketAddrV4,
+    /// Ready backends get a slot; not-ready ones are only listed.
+    pub ready: bool,
+}
+
+/// A service port as the agent would write it: one frontend, its backends.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub id: u32,
+    pub frontend: SocketAddrV4,
+    pub proto: u8,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Counter values summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; COUNTER_COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Per-counter increase since `before`, listing only non-zero ones.
+    pub fn since(&self, before: &Counters) -> BTreeMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .filter_map(|&counter| {
+                let delta = self.get(counter) - before.get(counter);
+                (delta != 0).then_some((counter.name(), delta))
+            })
+            .collect()
+    }
+}
+
+/// What one test run produced.
+#[derive(Clone, Debug)]
+pub struct RunOutput {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+fn map_error(
+    name: &'static str,
+    operation: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> PacketError {
+    move |source| PacketError::Map {
+        name,
+        operation,
+        source,
+    }
+}
+
+impl Datapath {
+    /// Loads `lb_agent::EBPF_OBJECT` with small maps and `lb_tc_pod` into
+    /// the kernel, and writes the default configuration.
+    pub fn load() -> Result<Self> {
+        Self::load_with_max_flows(TEST_MAX_FLOWS)
+    }
+
+    /// [`Datapath::load`] with room for `max_flows` flows.
+    pub fn load_with_max_flows(max_flows: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::MAP_SERVICES, TEST_MAX_SERVICES)
+            .map_max_entries(names::MAP_SLOTS, TEST_MAX_SLOTS)
+            .map_max_entries(names::MAP_BACKENDS, TEST_MAX_BACKENDS)
+            .map_max_entries(names::MAP_REVNAT, TEST_MAX_BACKENDS)
+            .map_max_entries(names::MAP_CONNTRACK, max_flows)
+            .load(lb_agent::EBPF_OBJECT)
+            .map_err(PacketError::LoadObject)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_TC_POD)
+            .ok_or(PacketError::MissingProgram {
+                name: names::PROG_TC_POD,
+            })?
+            .try_into()
+            .map_err(|source| PacketError::ProgramType {
+                name: names::PROG_TC_POD,
+                source,
+            })?;
+        program.load().map_err(|source| PacketError::LoadProgram {
+            name: names::PROG_TC_POD,
+            source,
+        })?;
+        let mut datapath = Self { ebpf };
+        datapath.set_config(&DatapathConfig::DEFAULT)?;
+        Ok(datapath)
+    }
+
+    /// The loaded `lb_tc_pod`.
+    pub fn program(&self) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(names::PROG_TC_POD)
+            .ok_or(PacketError::MissingProgram {
+                name: names::PROG_TC_POD,
+            })?
+            .try_into()
+            .map_err(|source| PacketError::ProgramType {
+                name: names::PROG_TC_POD,
+                source,
+            })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(PacketError::MissingMap { name })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(PacketError::MissingMap { name })
+    }
+
+    fn hash_map_mut<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        HashMap::try_from(self.map_mut(name)?).map_err(map_error(name, "open"))
+    }
+
+    pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
+        let name = names::MAP_CONFIG;
+        let mut map: Array<_, DatapathConfig> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name, "open"))?;
+        map.set(0, config, 0).map_err(map_error(name, "set"))
+    }
+
+    pub fn set_service(
+        &mut self,
+        frontend: &SocketAddrV4,
+        proto: u8,
+        value: &ServiceValue,
+    ) -> Result<()> {
+        let name = names::MAP_SERVICES;
+        let key = ServiceKey::new(be_addr(frontend), be_port(frontend), proto);
+        self.hash_map_mut::<ServiceKey, ServiceValue>(name)?
+            .insert(&key, value, 0)
+            .map_err(map_error(name, "insert"))
+    }
+
+    pub fn set_slot(&mut self, service_id: u32, slot: u32, backend_id: u32) -> Result<()> {
+        let name = names::MAP_SLOTS;
+        self.hash_map_mut::<SlotKey, Slot>(name)?
+            .insert(&SlotKey { service_id, slot }, &Slot { backend_id }, 0)
+            .map_err(map_error(name, "insert"))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let name = names::MAP_BACKENDS;
+        let mut map: Array<_, Backend> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name, "open"))?;
+        map.set(id, backend, 0).map_err(map_error(name, "set"))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        let name = names::MAP_BACKENDS;
+        let map: Array<_, Backend> =
+            Array::try_from(self.map(name)?).map_err(map_error(name, "open"))?;
+        map.get(&id, 0).map_err(map_error(name, "get"))
+    }
+
+    pub fn revnat(&mut self, backend: &BackendAddr) -> Result<Option<RevNat>> {
+        let name = names::MAP_REVNAT;
+        match self
+            .hash_map_mut::<BackendAddr, RevNat>(name)?
+            .get(backend, 0)
+        {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_error(name, "get")(source)),
+        }
+    }
+
+    pub fn set_revnat(&mut self, backend: &BackendAddr, value: &RevNat) -> Result<()> {
+        let name = names::MAP_REVNAT;
+        self.hash_map_mut::<BackendAddr, RevNat>(name)?
+            .insert(backend, value, 0)
+            .map_err(map_error(name, "insert"))
+    }
+
+    pub fn remove_revnat(&mut self, backend: &BackendAddr) -> Result<()> {
+        let name = names::MAP_REVNAT;
+        self.hash_map_mut::<BackendAddr, RevNat>(name)?
+            .remove(backend)
+            .map_err(map_error(name, "remove"))
+    }
+
+    /// Writes a whole service the way the agent orders its writes:
+    /// backends, then slots, reverse NAT, and the frontend last.
+    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        for backend in &spec.backends {
+            let flags = BACKEND_F_ACTIVE
+                | if backend.ready {
+                    0
+                } else {
+                    BACKEND_F_NOT_READY
+                };
+            self.set_backend(
+                backend.id,
+                &Backend {
+                    addr: be_addr(&backend.addr),
+                    port: be_port(&backend.addr),
+                    proto: spec.proto,
+                    flags,
+                },
+            )?;
+        }
+        let ready: Vec<&BackendSpec> = spec.backends.iter().filter(|b| b.ready).collect();
+        for (slot, backend) in ready.iter().enumerate() {
+            self.set_slot(spec.id, slot as u32, backend.id)?;
+        }
+        for backend in &spec.backends {
+            let key = BackendAddr::new(be_addr(&backend.addr), be_port(&backend.addr), spec.proto);
+            let mut value = self.revnat(&key)?.unwrap_or_default();
+            let listed = &value.service_ids[..value.count as usize];
+            if !listed.contains(&spec.id) {
+                assert!(
+                    (value.count as usize) < MAX_REVNAT_SERVICES,
+                    "too many services for one backend"
+                );
+                value.service_ids[value.count as usize] = spec.id;
+                value.count += 1;
+            }
+            self.set_revnat(&key, &value)?;
+        }
+        self.set_service(
+            &spec.frontend,
+            spec.proto,
+            &ServiceValue {
+                id: spec.id,
+                backend_count: ready.len() as u32,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Removes a backend from every service the way the agent does when it
+    /// leaves every EndpointSlice: it is in no slot (the caller rewrote
+    /// those), its reverse-NAT entry goes and its id is freed (zeroed).
+    pub fn remove_backend(&mut self, id: u32, addr: &SocketAddrV4, proto: u8) -> Result<()> {
+        self.remove_revnat(&BackendAddr::new(be_addr(addr), be_port(addr), proto))?;
+        self.set_backend(id, &Backend::default())
+    }
+
+    pub fn flow(&mut self, key: &FlowKey) -> Result<Option<Flow>> {
+        let name = names::MAP_CONNTRACK;
+        match self.hash_map_mut::<FlowKey, Flow>(name)?.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_error(name, "get")(source)),
+        }
+    }
+
+    pub fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        let name = names::MAP_CONNTRACK;
+        self.hash_map_mut::<FlowKey, Flow>(name)?
+            .insert(key, flow, 0)
+            .map_err(map_error(name, "insert"))
+    }
+
+    /// Number of tracked flows.
+    pub fn flow_count(&mut self) -> Result<usize> {
+        let name = names::MAP_CONNTRACK;
+        let map = self.hash_map_mut::<FlowKey, Flow>(name)?;
+        let mut count = 0;
+        for key in map.keys() {
+            key.map_err(map_error(name, "iterate"))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let name = names::MAP_COUNTERS;
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_error(name, "open"))?;
+        let mut counters = Counters::default();
+        for counter in Counter::ALL {
+            let values = map
+                .get(&(counter as u32), 0)
+                .map_err(map_error(name, "get"))?;
+            counters.0[counter as usize] = values.iter().sum();
+        }
+        Ok(counters)
+    }
+
+    /// Runs `lb_tc_pod` once on `frame`.
+    pub fn run(&self, frame: &[u8]) -> Result<RunOutput> {
+        let mut out = vec![0u8; 4096];
+        let result = self
+            .program()?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| PacketError::TestRun {
+                name: names::PROG_TC_POD,
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            verdict: result.return_value,
+            frame: out,
+        })
+    }
+}
