@@ -22,6 +22,7 @@
 pub mod command;
 pub mod dirs;
 pub mod error;
+pub mod fake_apiserver;
 pub mod manifests;
 pub mod names;
 pub mod netns;
