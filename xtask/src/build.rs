@@ -1,11 +1,11 @@
 //! `cargo xtask build` and `cargo xtask run`: the build-and-load loop.
 
-use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+use std::{ffi::OsString, path::PathBuf, process::Command};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
-    cargo::{HOST_PACKAGES, Profile, cargo, describe, run, workspace_binary},
+    cargo::{HOST_PACKAGES, Profile, cargo, exec, run, workspace_binary},
     setup::{Mode, Setup},
 };
 
@@ -33,14 +33,11 @@ pub fn setup_and_build(profile: Profile) -> Result<PathBuf> {
     workspace_binary(profile, AGENT_BINARY)
 }
 
-/// Builds, then replaces xtask with the agent: the agent alone then owns the
-/// terminal's signals (Ctrl-C reaches its shutdown path, which detaches the
-/// programs) and its exit status is the task's.
+/// Builds, then runs the agent in xtask's place (see [`exec`]): Ctrl-C
+/// reaches the agent's shutdown path, which detaches the programs.
 pub fn run_agent(profile: Profile, args: &[OsString]) -> Result<()> {
     let agent = setup_and_build(profile)?;
-    let mut command = Command::new(&agent);
+    let mut command = Command::new(agent);
     command.args(args);
-    println!("running: {}", describe(&command));
-    let error = command.exec();
-    Err(error).with_context(|| format!("executing {}", agent.display()))
+    Err(exec(&mut command))
 }

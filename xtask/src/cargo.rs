@@ -5,7 +5,7 @@ use std::{
     env,
     ffi::{OsStr, OsString},
     fmt,
-    os::unix::process::ExitStatusExt,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
 };
@@ -177,6 +177,16 @@ fn is_executable(path: &Path) -> bool {
 pub fn run(command: &mut Command) -> Result<()> {
     println!("running: {}", describe(command));
     run_silently(command)
+}
+
+/// Prints `running: <command>` and replaces xtask with it. For the last step
+/// of a task: the command alone then receives the terminal's signals
+/// (Ctrl-C reaches its own cleanup instead of killing xtask under it) and
+/// its exit status is the task's. Returns only if the exec fails.
+pub fn exec(command: &mut Command) -> anyhow::Error {
+    println!("running: {}", describe(command));
+    let error = command.exec();
+    anyhow::Error::new(error).context(format!("executing `{}`", describe(command)))
 }
 
 /// Runs `command` with inherited stdio; fails with [`CommandFailed`].

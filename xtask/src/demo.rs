@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::{
     build::{AGENT_BINARY_VARIABLE, setup_and_build},
-    cargo::{Profile, cargo, run},
+    cargo::{Profile, cargo, exec},
 };
 
 /// Sets up and builds, then runs `lb-demo` with `args`; the demo spawns the
@@ -20,5 +20,6 @@ pub fn demo(profile: Profile, args: &[OsString]) -> Result<()> {
     if !args.is_empty() {
         command.arg("--").args(args);
     }
-    run(&mut command)
+    // In xtask's place (see `exec`): Ctrl-C reaches the demo's teardown.
+    Err(exec(&mut command))
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::{
     build::{AGENT_BINARY_VARIABLE, setup_and_build},
-    cargo::{HOST_PACKAGES, Profile, cargo, run},
+    cargo::{HOST_PACKAGES, Profile, cargo, exec},
 };
 
 /// Sets up and builds (the namespace tests spawn the agent binary, which
@@ -14,6 +14,8 @@ use crate::{
 /// `cargo test --no-fail-fast` with the agent's path in
 /// [`AGENT_BINARY_VARIABLE`]. `args` go to `cargo test` as given; the whole
 /// host workspace is tested unless they select packages themselves.
+/// `cargo test` runs in xtask's place (see [`exec`]), so the exit status is
+/// its own.
 pub fn test(profile: Profile, args: &[OsString]) -> Result<()> {
     let agent = setup_and_build(profile)?;
     let mut command = cargo();
@@ -28,7 +30,7 @@ pub fn test(profile: Profile, args: &[OsString]) -> Result<()> {
     }
     profile.apply(&mut command);
     command.args(args).env(AGENT_BINARY_VARIABLE, &agent);
-    run(&mut command)
+    Err(exec(&mut command))
 }
 
 /// Whether cargo arguments (those before a `--` that starts the test
