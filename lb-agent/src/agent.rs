@@ -80,9 +80,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         }
     })
     .await;
-    if let Err(error) = &result {
-        error!("stopping: {}", error_chain(error));
-    }
+    // Undo even after an error; the caller reports the error itself.
     let shutdown = datapath.shutdown(options.keep_pins);
     result?;
     shutdown?;

@@ -1,6 +1,8 @@
 //! `lb-agent`: the command line. Everything it runs lives in the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -134,6 +136,7 @@ fn init_logging(format: LogFormat, datapath_log: bool) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // Both also route the `log` records of aya and aya-log into tracing.
     let installed = match format {
@@ -223,12 +226,19 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let datapath_log = matches!(&cli.command, Command::Run(args) if args.datapath_log);
-    init_logging(cli.log_format, datapath_log)?;
-    match cli.command {
+    let result = init_logging(cli.log_format, datapath_log).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect(args) => inspect(args),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("lb-agent: error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

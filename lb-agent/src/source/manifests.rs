@@ -392,10 +392,13 @@ impl ManifestSource {
         let parsed = match parse_file(path, &content) {
             Ok(parsed) => parsed,
             Err(message) => {
+                let consequence = match old.objects.len() {
+                    0 => "nothing from it is applied".to_owned(),
+                    n => format!("keeping the {n} objects it held before"),
+                };
                 report(format!(
-                    "{}: does not parse: {message}; keeping the {} objects it held before",
-                    path.display(),
-                    old.objects.len()
+                    "{}: does not parse: {message}; {consequence}",
+                    path.display()
                 ));
                 self.files.insert(
                     path.to_owned(),

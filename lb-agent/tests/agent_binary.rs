@@ -1,0 +1,244 @@
+//! The `lb-agent` binary end to end, without traffic: started inside a test
+//! network namespace (attached to a veth there), it programs the
+//! manifests, follows changes on disk, reports bad input, and on SIGTERM
+//! detaches and removes its pins. Root and bpffs needed.
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{NetnsGuard, PinDirGuard, require_privileges};
+use lb_agent::inspect;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clusterip");
+
+/// The agent process; killed on drop if the test did not stop it.
+struct AgentGuard {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentGuard {
+    /// Starts the agent in `netns` (network namespace only: it keeps the
+    /// test's mount namespace, and so sees bpffs).
+    fn start(netns: &NetnsGuard, args: &[&str], log: PathBuf) -> Self {
+        let netns_file = netns.open();
+        let netns_fd = netns_file.as_raw_fd();
+        let mut command = Command::new(AGENT);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::options().append(true).open(&log).unwrap());
+        // SAFETY: only async-signal-safe setns between fork and exec; the
+        // namespace fd stays open (netns_file lives past spawn).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("starting lb-agent");
+        drop(netns_file);
+        Self { child, log }
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        let Ok(file) = File::open(&self.log) else {
+            return Vec::new();
+        };
+        BufReader::new(file).lines().map_while(Result::ok).collect()
+    }
+
+    /// Waits until a log line satisfies `predicate`, failing if the agent
+    /// exits first or `timeout` passes.
+    fn wait_for_log(&mut self, timeout: Duration, predicate: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|line| predicate(line)) {
+                return line;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("agent exited ({status}):\n{}", self.log_lines().join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out; agent log:\n{}",
+                self.log_lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("agent log:\n{}", self.log_lines().join("\n"));
+        }
+    }
+}
+
+fn copy_fixtures(to: &Path) {
+    for entry in std::fs::read_dir(FIXTURES).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Polls `inspect::services` until `predicate` holds; returns how long it took.
+fn wait_for_services(
+    pin_dir: &Path,
+    timeout: Duration,
+    predicate: impl Fn(&[inspect::ServiceEntry]) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(services) = inspect::services(pin_dir)
+            && predicate(&services)
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "maps never reached the expected state"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+const EXTRA: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: extra, namespace: demo}
+spec:
+  clusterIP: 198.18.100.30
+  ports: [{port: 8443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: extra-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: extra}
+addressType: IPv4
+ports: [{port: 9443}]
+endpoints: [{addresses: [198.18.0.30]}]
+"#;
+
+#[test]
+fn agent_follows_manifests_and_cleans_up_on_sigterm() {
+    require_privileges();
+    let pins = PinDirGuard::new();
+    let netns = NetnsGuard::with_veth();
+    let manifests = tempfile::tempdir().unwrap();
+    copy_fixtures(manifests.path());
+    let logs = tempfile::tempdir().unwrap();
+    let pin_dir = pins.path().to_str().unwrap();
+
+    let mut agent = AgentGuard::start(
+        &netns,
+        &[
+            "run",
+            "--manifests",
+            manifests.path().to_str().unwrap(),
+            "--attach",
+            &netns.host_end,
+            "--pin-dir",
+            pin_dir,
+            "--max-services",
+            "64",
+            "--max-backends",
+            "64",
+            "--max-slots",
+            "256",
+            "--max-flows",
+            "1024",
+            "--log-format",
+            "json",
+        ],
+        logs.path().join("agent.log"),
+    );
+
+    // The start-up line, in JSON.
+    let line = agent.wait_for_log(Duration::from_secs(30), |line| line.contains("programmed"));
+    let record: serde_json::Value = serde_json::from_str(&line).expect("log line is not JSON");
+    assert_eq!(record["level"], "INFO");
+    assert_eq!(record["fields"]["frontends"], 3);
+    assert_eq!(record["fields"]["backends"], 5);
+    assert_eq!(netns.tcx_ingress_programs(&netns.host_end), ["lb_tc_pod"]);
+    assert_eq!(inspect::services(pins.path()).unwrap().len(), 3);
+
+    // A new file reaches the maps within a fraction of a second.
+    std::fs::write(manifests.path().join("extra.yaml"), EXTRA).unwrap();
+    let latency = wait_for_services(pins.path(), Duration::from_secs(5), |services| {
+        services.iter().any(|s| {
+            s.frontend == "198.18.100.30:8443".parse().unwrap()
+                && s.backends.len() == 1
+                && s.backends[0].addr == "198.18.0.30:9443".parse().unwrap()
+        })
+    });
+    eprintln!("manifest write -> map entry: {latency:?}");
+    assert!(latency < Duration::from_millis(500), "took {latency:?}");
+
+    // A bad object: one error line naming file, object and field; the
+    // last good version stays programmed.
+    let broken = EXTRA.replace("ports: [{port: 8443}]", "ports: [{port: 0}]");
+    std::fs::write(manifests.path().join("extra.yaml"), broken).unwrap();
+    let line = agent.wait_for_log(Duration::from_secs(5), |line| line.contains("\"ERROR\""));
+    assert!(line.contains("extra.yaml"), "{line}");
+    assert!(line.contains("Service demo/extra"), "{line}");
+    assert!(line.contains("spec.ports[0].port"), "{line}");
+    std::thread::sleep(Duration::from_millis(300));
+    let errors = agent
+        .log_lines()
+        .into_iter()
+        .filter(|line| line.contains("\"ERROR\""))
+        .count();
+    assert_eq!(errors, 1, "{:#?}", agent.log_lines());
+    let services = inspect::services(pins.path()).unwrap();
+    assert!(
+        services
+            .iter()
+            .any(|s| s.frontend == "198.18.100.30:8443".parse().unwrap())
+    );
+
+    // A deleted file withdraws its objects.
+    std::fs::remove_file(manifests.path().join("extra.yaml")).unwrap();
+    wait_for_services(pins.path(), Duration::from_secs(5), |services| {
+        services.len() == 3
+    });
+
+    // SIGTERM: detach, unpin, exit 0.
+    let status = agent.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!pins.path().exists(), "pins left behind");
+    assert!(netns.tcx_ingress_programs(&netns.host_end).is_empty());
+}
