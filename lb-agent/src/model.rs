@@ -28,14 +28,6 @@ impl Protocol {
         }
     }
 
-    pub const fn from_number(number: u8) -> Option<Self> {
-        match number {
-            lb_common::proto::TCP => Some(Protocol::Tcp),
-            lb_common::proto::UDP => Some(Protocol::Udp),
-            _ => None,
-        }
-    }
-
     pub const fn name(self) -> &'static str {
         lb_common::proto::name(self.number())
     }
@@ -201,15 +193,6 @@ impl DesiredState {
 
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
-    }
-
-    /// Number of distinct backends (address, port, protocol).
-    pub fn backend_count(&self) -> usize {
-        self.services
-            .iter()
-            .flat_map(|(name, port)| port.backends.keys().map(move |addr| (*addr, name.proto)))
-            .collect::<BTreeSet<_>>()
-            .len()
     }
 }
 

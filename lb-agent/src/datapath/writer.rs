@@ -414,12 +414,9 @@ impl<M: MapOps> Writer<M> {
         self.map_errors
     }
 
+    /// The maps it writes (for reading them back).
     pub fn maps(&self) -> &M {
         &self.maps
-    }
-
-    pub fn maps_mut(&mut self) -> &mut M {
-        &mut self.maps
     }
 
     /// Programs `desired`, writing only what differs from what is programmed.
