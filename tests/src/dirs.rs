@@ -21,7 +21,8 @@ impl ScratchDir {
     /// existing one is another testbed's).
     pub fn create(name: &str) -> Result<Self> {
         let path = std::env::temp_dir().join(name);
-        fs::create_dir(&path).map_err(|source| TestbedError::path("create directory", &path, source))?;
+        fs::create_dir(&path)
+            .map_err(|source| TestbedError::path("create directory", &path, source))?;
         Ok(Self { path })
     }
 
@@ -90,7 +91,10 @@ impl Drop for PinDir {
         match fs::remove_dir_all(&self.path) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => eprintln!("testbed: could not remove pin directory {}: {error}", self.path.display()),
+            Err(error) => eprintln!(
+                "testbed: could not remove pin directory {}: {error}",
+                self.path.display()
+            ),
         }
     }
 }

@@ -52,7 +52,9 @@ pub enum TestbedError {
         waited: std::time::Duration,
         last: Option<String>,
     },
-    #[error("lb-agent binary not found at {path}: build it with `cargo +1.98.0 build -p lb-agent` or set LB_AGENT_BIN")]
+    #[error(
+        "lb-agent binary not found at {path}: build it with `cargo +1.98.0 build -p lb-agent` or set LB_AGENT_BIN"
+    )]
     AgentBinaryMissing { path: PathBuf },
     #[error("lb-agent exited early with {status}; its log:\n{log}")]
     AgentExited {
@@ -71,7 +73,11 @@ impl TestbedError {
         }
     }
 
-    pub(crate) fn path(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn path(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Self {
         Self::Path {
             operation,
             path: path.into(),

@@ -18,11 +18,12 @@
 //! # }
 //! ```
 
-
+pub mod agent;
 pub mod command;
 pub mod dirs;
 pub mod error;
 pub mod fake_apiserver;
+pub mod fixture;
 pub mod manifests;
 pub mod names;
 pub mod netns;

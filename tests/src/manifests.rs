@@ -184,11 +184,17 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn ready(address: Ipv4Addr) -> Self {
-        Self { address, ready: true }
+        Self {
+            address,
+            ready: true,
+        }
     }
 
     pub fn not_ready(address: Ipv4Addr) -> Self {
-        Self { address, ready: false }
+        Self {
+            address,
+            ready: false,
+        }
     }
 }
 
@@ -203,7 +209,12 @@ pub struct EndpointSlice {
 
 impl EndpointSlice {
     /// Slice `<service>-<suffix>`, as the EndpointSlice controller names them.
-    pub fn new(service: &str, suffix: &str, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> Self {
+    pub fn new(
+        service: &str,
+        suffix: &str,
+        ports: Vec<EndpointPort>,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
         Self {
             name: format!("{service}-{suffix}"),
             service: service.to_owned(),
@@ -242,7 +253,8 @@ impl ManifestDir {
     /// removed on drop: it lives in a testbed's scratch directory.
     pub fn create(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        fs::create_dir(&path).map_err(|source| TestbedError::path("create manifest directory", &path, source))?;
+        fs::create_dir(&path)
+            .map_err(|source| TestbedError::path("create manifest directory", &path, source))?;
         Ok(Self { path })
     }
 
@@ -255,10 +267,11 @@ impl ManifestDir {
     pub fn write(&self, file: &str, objects: &[Value]) -> Result<()> {
         let mut text = String::new();
         for object in objects {
-            let document = serde_yaml::to_string(object).map_err(|source| TestbedError::Manifest {
-                file: file.to_owned(),
-                source,
-            })?;
+            let document =
+                serde_yaml::to_string(object).map_err(|source| TestbedError::Manifest {
+                    file: file.to_owned(),
+                    source,
+                })?;
             text.push_str("---\n");
             text.push_str(&document);
         }
@@ -270,8 +283,10 @@ impl ManifestDir {
     pub fn write_text(&self, file: &str, text: &str) -> Result<()> {
         let target = self.path.join(file);
         let temporary = self.path.join(format!(".{file}.tmp"));
-        fs::write(&temporary, text).map_err(|source| TestbedError::path("write", &temporary, source))?;
-        fs::rename(&temporary, &target).map_err(|source| TestbedError::path("rename into place", &target, source))
+        fs::write(&temporary, text)
+            .map_err(|source| TestbedError::path("write", &temporary, source))?;
+        fs::rename(&temporary, &target)
+            .map_err(|source| TestbedError::path("rename into place", &target, source))
     }
 
     /// Deletes `file`.
@@ -283,15 +298,18 @@ impl ManifestDir {
     /// Copies every regular file of `source` into the directory (each
     /// atomically), returning the names copied.
     pub fn copy_from(&self, source: &Path) -> Result<Vec<String>> {
-        let entries = fs::read_dir(source).map_err(|error| TestbedError::path("read directory", source, error))?;
+        let entries = fs::read_dir(source)
+            .map_err(|error| TestbedError::path("read directory", source, error))?;
         let mut copied = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|error| TestbedError::path("read directory", source, error))?;
+            let entry =
+                entry.map_err(|error| TestbedError::path("read directory", source, error))?;
             let from = entry.path();
             if !from.is_file() {
                 continue;
             }
-            let text = fs::read_to_string(&from).map_err(|error| TestbedError::path("read", &from, error))?;
+            let text = fs::read_to_string(&from)
+                .map_err(|error| TestbedError::path("read", &from, error))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             self.write_text(&name, &text)?;
             copied.push(name);

@@ -47,7 +47,9 @@ impl NetNs {
         static CREATE: Mutex<()> = Mutex::new(());
         let name = name.into();
         {
-            let _serialised = CREATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let _serialised = CREATE
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             command::run("ip", &["netns", "add", name.as_str()])?;
         }
         let ns = Self { name };
@@ -66,7 +68,8 @@ impl NetNs {
 
     fn open(&self) -> Result<File> {
         let path = self.path();
-        File::open(&path).map_err(|source| TestbedError::path("open network namespace", path, source))
+        File::open(&path)
+            .map_err(|source| TestbedError::path("open network namespace", path, source))
     }
 
     /// Runs `ip -n <ns> args...` and returns its stdout.
@@ -83,7 +86,15 @@ impl NetNs {
         let assignment = format!("{key}={value}");
         command::run(
             "ip",
-            &["netns", "exec", self.name.as_str(), "sysctl", "-q", "-w", assignment.as_str()],
+            &[
+                "netns",
+                "exec",
+                self.name.as_str(),
+                "sysctl",
+                "-q",
+                "-w",
+                assignment.as_str(),
+            ],
         )?;
         Ok(())
     }
@@ -148,7 +159,10 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(error) = command::run("ip", &["netns", "del", self.name.as_str()]) {
-            eprintln!("testbed: could not delete network namespace {}: {error}", self.name);
+            eprintln!(
+                "testbed: could not delete network namespace {}: {error}",
+                self.name
+            );
         }
     }
 }

@@ -33,8 +33,14 @@ pub fn cluster_ip(index: u16) -> Ipv4Addr {
 
 /// Subnet octet (the third) of pod `pod` on node `node`.
 fn pod_octet(node: usize, pod: usize) -> u8 {
-    assert!(node < MAX_NODES, "the addressing plan has room for {MAX_NODES} nodes");
-    assert!(pod < MAX_PODS_PER_NODE, "the addressing plan has room for {MAX_PODS_PER_NODE} pods per node");
+    assert!(
+        node < MAX_NODES,
+        "the addressing plan has room for {MAX_NODES} nodes"
+    );
+    assert!(
+        pod < MAX_PODS_PER_NODE,
+        "the addressing plan has room for {MAX_PODS_PER_NODE} pods per node"
+    );
     u8::try_from(node * MAX_PODS_PER_NODE + pod).expect("bounded by the asserts above")
 }
 
@@ -149,9 +155,19 @@ impl Node {
         // request issued from the node namespace: neither end ever exists
         // in the root namespace.
         self.ns.ip(&[
-            "link", "add", &host_iface, "type", "veth", "peer", "name", "eth0", "netns", ns.name(),
+            "link",
+            "add",
+            &host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
         ])?;
-        self.ns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", &host_iface])?;
+        self.ns
+            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", &host_iface])?;
         self.ns.ip(&["link", "set", &host_iface, "up"])?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
@@ -181,7 +197,10 @@ impl Node {
 
     /// The node-side interfaces of all pods: what the agent attaches to.
     pub fn pod_ifaces(&self) -> Vec<&str> {
-        self.pods.iter().map(|pod| pod.host_iface.as_str()).collect()
+        self.pods
+            .iter()
+            .map(|pod| pod.host_iface.as_str())
+            .collect()
     }
 }
 

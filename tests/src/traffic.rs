@@ -1,10 +1,10 @@
 //! Servers that run in backend pods and clients that run in client pods.
 //!
 //! The protocol is one line each way. A client sends `<request>\n`; the
-//! server answers `<pod name> <client address as the server saw it>
-//! <request>\n`. So every answer says which backend took the connection,
-//! whether the client's address survived the trip (no source NAT), and that
-//! the bytes arrived intact. A TCP connection can carry any number of such
+//! server answers `<pod name> <server port> <client address as the server
+//! saw it> <request>\n`. So every answer says which backend and which of its
+//! ports took the connection, whether the client's address survived the
+//! trip (no source NAT), and that the bytes arrived intact. A TCP connection can carry any number of such
 //! exchanges, which lets a test keep one open across a change.
 //!
 //! Every blocking call has a timeout: servers poll for a stop flag at least
@@ -32,6 +32,8 @@ pub const SERVER_TICK: Duration = Duration::from_millis(50);
 pub struct Reply {
     /// Name of the pod that answered.
     pub server: String,
+    /// The port the answering server listens on (the target port).
+    pub server_port: u16,
     /// The client's address and port as the server saw them.
     pub client_seen: SocketAddrV4,
     /// The request, echoed.
@@ -44,20 +46,31 @@ impl Reply {
             reply: line.to_owned(),
             reason,
         };
-        let line = line.strip_suffix('\n').ok_or_else(|| bad("no newline (connection closed early?)"))?;
-        let (server, rest) = line.split_once(' ').ok_or_else(|| bad("no client address"))?;
+        let line = line
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("no newline (connection closed early?)"))?;
+        let (server, rest) = line.split_once(' ').ok_or_else(|| bad("no server port"))?;
+        let (server_port, rest) = rest
+            .split_once(' ')
+            .ok_or_else(|| bad("no client address"))?;
         let (client, echo) = rest.split_once(' ').ok_or_else(|| bad("no echo"))?;
-        let client_seen = client.parse().map_err(|_| bad("client address does not parse"))?;
+        let server_port = server_port
+            .parse()
+            .map_err(|_| bad("server port does not parse"))?;
+        let client_seen = client
+            .parse()
+            .map_err(|_| bad("client address does not parse"))?;
         Ok(Self {
             server: server.to_owned(),
+            server_port,
             client_seen,
             echo: echo.to_owned(),
         })
     }
 }
 
-fn format_reply(server: &str, client: SocketAddr, request: &str) -> String {
-    format!("{server} {client} {request}\n")
+fn format_reply(server: &str, port: u16, client: SocketAddr, request: &str) -> String {
+    format!("{server} {port} {client} {request}\n")
 }
 
 /// Only IPv4 exists in the testbed; anything else is a bug.
@@ -84,7 +97,11 @@ fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     match unsafe { libc::poll(&mut pollfd, 1, millis) } {
         -1 => {
             let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(error) }
+            if error.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(error)
+            }
         }
         0 => Ok(false),
         _ => Ok(true),
@@ -106,7 +123,12 @@ impl TcpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
         let listener = pod
             .run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
-            .map_err(|source| TestbedError::io(format!("bind TCP port {port} in pod {}", pod.name()), source))?;
+            .map_err(|source| {
+                TestbedError::io(
+                    format!("bind TCP port {port} in pod {}", pod.name()),
+                    source,
+                )
+            })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| TestbedError::io("set listener non-blocking", source))?;
@@ -118,7 +140,7 @@ impl TcpServer {
             .spawn({
                 let stop = Arc::clone(&stop);
                 let accepted = Arc::clone(&accepted);
-                move || accept_loop(&listener, &name, &stop, &accepted)
+                move || accept_loop(&listener, &name, port, &stop, &accepted)
             })
             .map_err(|source| TestbedError::io("spawn TCP server thread", source))?;
         Ok(Self {
@@ -150,12 +172,21 @@ impl Drop for TcpServer {
         if let Some(acceptor) = self.acceptor.take()
             && acceptor.join().is_err()
         {
-            eprintln!("testbed: TCP server of {} on port {} panicked", self.pod, self.port);
+            eprintln!(
+                "testbed: TCP server of {} on port {} panicked",
+                self.pod, self.port
+            );
         }
     }
 }
 
-fn accept_loop(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, accepted: &AtomicUsize) {
+fn accept_loop(
+    listener: &TcpListener,
+    name: &str,
+    port: u16,
+    stop: &Arc<AtomicBool>,
+    accepted: &AtomicUsize,
+) {
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         connections.retain(|connection| !connection.is_finished());
@@ -174,10 +205,12 @@ fn accept_loop(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, accep
                 let stop = Arc::clone(stop);
                 let spawned = thread::Builder::new()
                     .name(format!("conn-{name}"))
-                    .spawn(move || serve_connection(stream, peer, &name, &stop));
+                    .spawn(move || serve_connection(stream, peer, &name, port, &stop));
                 match spawned {
                     Ok(handle) => connections.push(handle),
-                    Err(error) => eprintln!("testbed: TCP server: spawn connection thread: {error}"),
+                    Err(error) => {
+                        eprintln!("testbed: TCP server: spawn connection thread: {error}")
+                    }
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -195,7 +228,7 @@ fn accept_loop(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, accep
 
 /// Answers request lines on one connection until the client closes it, an
 /// error occurs, or the server stops.
-fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
+fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, port: u16, stop: &AtomicBool) {
     let setup = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_read_timeout(Some(SERVER_TICK)))
@@ -219,7 +252,10 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &Atom
             Ok(0) => return,
             Ok(_) if line.ends_with('\n') => {
                 let request = line.trim_end_matches('\n');
-                if writer.write_all(format_reply(name, peer, request).as_bytes()).is_err() {
+                if writer
+                    .write_all(format_reply(name, port, peer, request).as_bytes())
+                    .is_err()
+                {
                     return;
                 }
                 line.clear();
@@ -228,7 +264,11 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &Atom
             Ok(_) => {}
             // Timeouts only give the stop flag a look; bytes read so far
             // stay in `line`.
-            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             // Resets are expected (tests cut connections on purpose).
             Err(_) => return,
         }
@@ -250,7 +290,12 @@ impl UdpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
         let socket = pod
             .run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
-            .map_err(|source| TestbedError::io(format!("bind UDP port {port} in pod {}", pod.name()), source))?;
+            .map_err(|source| {
+                TestbedError::io(
+                    format!("bind UDP port {port} in pod {}", pod.name()),
+                    source,
+                )
+            })?;
         socket
             .set_read_timeout(Some(SERVER_TICK))
             .map_err(|source| TestbedError::io("set UDP read timeout", source))?;
@@ -262,7 +307,7 @@ impl UdpServer {
             .spawn({
                 let stop = Arc::clone(&stop);
                 let received = Arc::clone(&received);
-                move || udp_loop(&socket, &name, &stop, &received)
+                move || udp_loop(&socket, &name, port, &stop, &received)
             })
             .map_err(|source| TestbedError::io("spawn UDP server thread", source))?;
         Ok(Self {
@@ -294,24 +339,31 @@ impl Drop for UdpServer {
         if let Some(worker) = self.worker.take()
             && worker.join().is_err()
         {
-            eprintln!("testbed: UDP server of {} on port {} panicked", self.pod, self.port);
+            eprintln!(
+                "testbed: UDP server of {} on port {} panicked",
+                self.pod, self.port
+            );
         }
     }
 }
 
-fn udp_loop(socket: &UdpSocket, name: &str, stop: &AtomicBool, received: &AtomicUsize) {
+fn udp_loop(socket: &UdpSocket, name: &str, port: u16, stop: &AtomicBool, received: &AtomicUsize) {
     let mut buffer = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buffer) {
             Ok((len, peer)) => {
                 received.fetch_add(1, Ordering::Relaxed);
                 let request = String::from_utf8_lossy(&buffer[..len]);
-                let reply = format_reply(name, peer, request.trim_end_matches('\n'));
+                let reply = format_reply(name, port, peer, request.trim_end_matches('\n'));
                 if let Err(error) = socket.send_to(reply.as_bytes(), peer) {
                     eprintln!("testbed: UDP server {name}: reply to {peer}: {error}");
                 }
             }
-            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             // ICMP errors from earlier replies surface here; not fatal.
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(error) => {
@@ -487,7 +539,11 @@ impl Pod {
         self.run_io(|| udp_request(destination, request))
     }
 
-    pub fn udp_connected_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+    pub fn udp_connected_request(
+        &self,
+        destination: SocketAddrV4,
+        request: &str,
+    ) -> io::Result<UdpExchange> {
         self.run_io(|| udp_connected_request(destination, request))
     }
 

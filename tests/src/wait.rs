@@ -15,7 +15,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Polls `probe` until it returns `Ok(value)` or `timeout` passes. An
 /// `Err(state)` means "not yet"; the last one is quoted in the timeout
 /// error, so a failure says what was seen instead of just "timed out".
-pub fn wait_for<T, E: Display>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Result<T, E>) -> Result<T> {
+pub fn wait_for<T, E: Display>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         let last = match probe() {
@@ -34,7 +38,11 @@ pub fn wait_for<T, E: Display>(timeout: Duration, what: &str, mut probe: impl Fn
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+) -> Result<()> {
     let start = Instant::now();
     while !condition() {
         if start.elapsed() >= timeout {

@@ -43,8 +43,14 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
 
     // Interfaces exist only in the test's namespaces.
     let root_links = command::run("ip", &["-o", "link", "show"]).expect("ip link");
-    let node_links = node.ns().ip(&["-o", "link", "show"]).expect("ip link in node");
-    assert!(node_links.contains(": h0@") && node_links.contains(": h1@"), "{node_links}");
+    let node_links = node
+        .ns()
+        .ip(&["-o", "link", "show"])
+        .expect("ip link in node");
+    assert!(
+        node_links.contains(": h0@") && node_links.contains(": h1@"),
+        "{node_links}"
+    );
     for host_iface in node.pod_ifaces() {
         assert!(
             !root_links.contains(&format!(": {host_iface}@")),
@@ -56,9 +62,12 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     let udp = UdpServer::start(server, 5353).expect("UDP server");
 
     let destination = SocketAddrV4::new(server.addr(), 8080);
-    let exchange = client.tcp_request(destination, "hello over tcp").expect("TCP exchange");
+    let exchange = client
+        .tcp_request(destination, "hello over tcp")
+        .expect("TCP exchange");
     assert_eq!(exchange.reply.server, "server");
     assert_eq!(exchange.reply.echo, "hello over tcp");
+    assert_eq!(exchange.reply.server_port, 8080);
     assert_eq!(exchange.peer, destination);
     assert_eq!(exchange.reply.client_seen, exchange.local);
     assert_eq!(*exchange.local.ip(), client.addr());
@@ -66,7 +75,9 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     // One connection carries several exchanges.
     let mut session = client.tcp_connect(destination).expect("TCP session");
     for n in 0..3 {
-        let exchange = session.exchange(&format!("request {n}")).expect("exchange on session");
+        let exchange = session
+            .exchange(&format!("request {n}"))
+            .expect("exchange on session");
         assert_eq!(exchange.reply.echo, format!("request {n}"));
     }
     drop(session);
@@ -76,12 +87,18 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     assert_eq!(tcp.accepted(), 22);
 
     let destination = SocketAddrV4::new(server.addr(), 5353);
-    let exchange = client.udp_request(destination, "hello over udp").expect("UDP exchange");
+    let exchange = client
+        .udp_request(destination, "hello over udp")
+        .expect("UDP exchange");
     assert_eq!(exchange.reply.server, "server");
     assert_eq!(exchange.reply.echo, "hello over udp");
+    assert_eq!(exchange.reply.server_port, 5353);
     assert_eq!(exchange.from, destination);
     // An unconnected socket is bound to the wildcard address.
-    assert_eq!(exchange.reply.client_seen, SocketAddrV4::new(client.addr(), exchange.local.port()));
+    assert_eq!(
+        exchange.reply.client_seen,
+        SocketAddrV4::new(client.addr(), exchange.local.port())
+    );
     let exchange = client
         .udp_connected_request(destination, "connected")
         .expect("connected UDP exchange");
@@ -91,10 +108,22 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     // Nothing listens on this port: the pod's kernel answers with RST and
     // ICMP port unreachable, which the clients report as refusals.
     let closed = SocketAddrV4::new(server.addr(), 9);
-    let error = client.tcp_request(closed, "x").expect_err("closed TCP port");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
-    let error = client.udp_connected_request(closed, "x").expect_err("closed UDP port");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    let error = client
+        .tcp_request(closed, "x")
+        .expect_err("closed TCP port");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+    let error = client
+        .udp_connected_request(closed, "x")
+        .expect_err("closed UDP port");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
 
     // Without a load balancer, service addresses lead nowhere: the node has
     // no route and says so at once.
@@ -102,7 +131,11 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     let error = client
         .tcp_request(SocketAddrV4::new(cluster_ip(10), 80), "x")
         .expect_err("a ClusterIP without the agent");
-    assert!(started.elapsed() < Duration::from_secs(1), "{error} took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{error} took {:?}",
+        started.elapsed()
+    );
 
     let list = netns_list();
     assert_eq!(namespaces_of(&list, &name).len(), 3, "{list}");
@@ -110,7 +143,10 @@ fn pods_talk_across_the_node_and_teardown_leaves_nothing() {
     drop((tcp, udp));
     drop(testbed);
     let list = netns_list();
-    assert!(namespaces_of(&list, &name).is_empty(), "left behind:\n{list}");
+    assert!(
+        namespaces_of(&list, &name).is_empty(),
+        "left behind:\n{list}"
+    );
     assert!(!scratch.exists(), "{} left behind", scratch.display());
 }
 
@@ -133,6 +169,13 @@ fn teardown_runs_when_a_test_panics() {
     .expect("the payload names the testbed");
 
     let list = netns_list();
-    assert!(namespaces_of(&list, &name).is_empty(), "left behind:\n{list}");
-    assert!(!Path::new(&scratch).exists(), "{} left behind", scratch.display());
+    assert!(
+        namespaces_of(&list, &name).is_empty(),
+        "left behind:\n{list}"
+    );
+    assert!(
+        !Path::new(&scratch).exists(),
+        "{} left behind",
+        scratch.display()
+    );
 }

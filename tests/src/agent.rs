@@ -1,0 +1,380 @@
+//! The agent under test: `lb-agent run` inside a node's network namespace,
+//! and waits on what it programmed, read back from its pinned maps.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use lb_agent::inspect::{FlowEntry, ServiceEntry};
+
+use crate::dirs::PinDir;
+use crate::error::{Result, TestbedError};
+use crate::manifests::Protocol;
+use crate::netns::NetNs;
+use crate::topology::Node;
+use crate::wait::{self, DEFAULT_TIMEOUT};
+
+/// Environment variable naming the agent binary (`cargo xtask test` sets it).
+pub const AGENT_BIN_ENV: &str = "LB_AGENT_BIN";
+/// How long the agent may take to load and pin its maps.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent may take to detach and exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent binary: `$LB_AGENT_BIN`, else `<workspace>/target/debug/lb-agent`.
+pub fn agent_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os(AGENT_BIN_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"),
+    };
+    if path.is_file() {
+        Ok(path.canonicalize().unwrap_or(path))
+    } else {
+        Err(TestbedError::AgentBinaryMissing { path })
+    }
+}
+
+/// A running `lb-agent run`. On drop it gets SIGTERM, then SIGKILL if it
+/// has not exited within [`STOP_TIMEOUT`]; then whatever it left in its pin
+/// directory is removed. If the test is failing (panicking), the agent's
+/// log is printed first.
+#[derive(Debug)]
+pub struct Agent {
+    child: Mutex<Option<Child>>,
+    log_path: PathBuf,
+    // Dropped after `Drop::drop` has stopped the process.
+    pin_dir: PinDir,
+}
+
+impl Agent {
+    /// Starts `lb-agent run --manifests <manifests> --attach <iface>...
+    /// --pin-dir <pin_dir>` in `node`'s network namespace (and the test's
+    /// mount namespace, so it sees bpffs) and waits until its maps are
+    /// pinned. Its stdout and stderr go to a log file.
+    pub fn start(node: &Node, manifests: &Path, attach: &[&str], pin_dir: PinDir) -> Result<Self> {
+        let binary = agent_binary()?;
+        let pin_name = pin_dir
+            .path()
+            .file_name()
+            .expect("a pin directory has a name")
+            .to_string_lossy()
+            .into_owned();
+        let log_path = std::env::temp_dir().join(format!("{pin_name}.agent.log"));
+        let log = File::create(&log_path)
+            .map_err(|source| TestbedError::path("create", &log_path, source))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|source| TestbedError::path("duplicate", &log_path, source))?;
+
+        let mut command = node.ns().command(&binary)?;
+        command
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--pin-dir")
+            .arg(pin_dir.path());
+        for iface in attach {
+            command.arg("--attach").arg(iface);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_for_stderr));
+        let child = command
+            .spawn()
+            .map_err(|source| TestbedError::CommandSpawn {
+                command: format!("{} run (in {})", binary.display(), node.ns().name()),
+                source,
+            })?;
+
+        let agent = Self {
+            child: Mutex::new(Some(child)),
+            log_path,
+            pin_dir,
+        };
+        // The agent pins its maps one by one after loading, attaches, and
+        // may program the maps before it attaches: ready means every map
+        // pinned and the program on every interface, as the kernel reports.
+        wait::wait_for(START_TIMEOUT, "lb-agent to pin its maps and attach", || {
+            agent.ensure_running().map_err(|error| error.to_string())?;
+            let missing: Vec<&str> = lb_common::names::ALL_MAPS
+                .into_iter()
+                .filter(|map| !agent.pin_dir.path().join(map).exists())
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!("not pinned yet: {}", missing.join(", ")));
+            }
+            agent.services()?;
+            for iface in attach {
+                let programs = tcx_ingress_programs(node.ns(), iface)?;
+                if !programs
+                    .iter()
+                    .any(|name| name == lb_common::names::PROG_TC_POD)
+                {
+                    return Err(format!("tcx ingress of {iface}: {programs:?}"));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(agent)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        self.pin_dir.path()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.lock_child().as_ref().map(Child::id)
+    }
+
+    /// Everything the agent wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_else(|error| {
+            format!("(could not read {}: {error})", self.log_path.display())
+        })
+    }
+
+    fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Fails with the agent's log if it has exited.
+    pub fn ensure_running(&self) -> Result<()> {
+        let mut child = self.lock_child();
+        let Some(process) = child.as_mut() else {
+            return Err(TestbedError::io(
+                "lb-agent was stopped",
+                std::io::Error::from(std::io::ErrorKind::NotConnected),
+            ));
+        };
+        match process.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(TestbedError::AgentExited {
+                status,
+                log: self.log(),
+            }),
+            Err(source) => Err(TestbedError::io("wait for lb-agent", source)),
+        }
+    }
+
+    /// The frontends the agent programmed, read from its pinned maps.
+    pub fn services(&self) -> Result<Vec<ServiceEntry>, String> {
+        lb_agent::inspect::services(self.pin_dir.path())
+            .map_err(|error| format!("inspect services: {error}"))
+    }
+
+    /// The flows the datapath tracks.
+    pub fn conntrack(&self) -> Result<Vec<FlowEntry>, String> {
+        lb_agent::inspect::conntrack(self.pin_dir.path())
+            .map_err(|error| format!("inspect conntrack: {error}"))
+    }
+
+    /// The frontend `frontend`/`proto`, if programmed.
+    pub fn service(
+        &self,
+        frontend: SocketAddrV4,
+        proto: Protocol,
+    ) -> Result<Option<ServiceEntry>, String> {
+        Ok(self
+            .services()?
+            .into_iter()
+            .find(|entry| entry.frontend == frontend && entry.proto == proto.as_lower()))
+    }
+
+    /// Datapath counters (name, value summed over CPUs).
+    pub fn counters(&self) -> Result<Vec<(String, u64)>, String> {
+        lb_agent::inspect::counters(self.pin_dir.path())
+            .map_err(|error| format!("inspect counters: {error}"))
+    }
+
+    /// What the maps hold right now, for a failing test's output: non-zero
+    /// counters, frontends and tracked flows.
+    pub fn diagnostics(&self) -> String {
+        let mut report = String::new();
+        match self.counters() {
+            Ok(counters) => {
+                let shown: Vec<String> = counters
+                    .iter()
+                    .filter(|(_, value)| *value != 0)
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                report.push_str(&format!("counters: {}\n", shown.join(" ")));
+            }
+            Err(error) => report.push_str(&format!("{error}\n")),
+        }
+        match self.services() {
+            Ok(services) => {
+                for service in services {
+                    report.push_str(&format!("service {service:?}\n"));
+                }
+            }
+            Err(error) => report.push_str(&format!("{error}\n")),
+        }
+        match self.conntrack() {
+            Ok(flows) => {
+                report.push_str(&format!("{} flows\n", flows.len()));
+                for flow in flows.iter().take(20) {
+                    report.push_str(&format!("flow {flow:?}\n"));
+                }
+            }
+            Err(error) => report.push_str(&format!("{error}\n")),
+        }
+        report
+    }
+
+    /// Waits until the frontend is programmed and `accept` holds for it.
+    pub fn wait_for_service(
+        &self,
+        frontend: SocketAddrV4,
+        proto: Protocol,
+        what: &str,
+        accept: impl Fn(&ServiceEntry) -> bool,
+    ) -> Result<ServiceEntry> {
+        let description = format!("{}/{frontend}: {what}", proto.as_lower());
+        wait::wait_for(DEFAULT_TIMEOUT, &description, || {
+            self.ensure_running().map_err(|error| error.to_string())?;
+            match self.service(frontend, proto)? {
+                Some(entry) if accept(&entry) => Ok(entry),
+                Some(entry) => Err(format!("{entry:?}")),
+                None => Err("not programmed".to_owned()),
+            }
+        })
+    }
+
+    /// Waits until the frontend's backends are exactly `expected` (address,
+    /// ready), in any order.
+    pub fn wait_for_backends(
+        &self,
+        frontend: SocketAddrV4,
+        proto: Protocol,
+        expected: &[(SocketAddrV4, bool)],
+    ) -> Result<ServiceEntry> {
+        let mut expected: Vec<(SocketAddrV4, bool)> = expected.to_vec();
+        expected.sort();
+        let what = format!("backends {expected:?}");
+        self.wait_for_service(frontend, proto, &what, |entry| {
+            let mut actual: Vec<(SocketAddrV4, bool)> = entry
+                .backends
+                .iter()
+                .map(|backend| (backend.addr, backend.ready))
+                .collect();
+            actual.sort();
+            actual == expected
+        })
+    }
+
+    /// Waits until the frontend is no longer programmed.
+    pub fn wait_for_no_service(&self, frontend: SocketAddrV4, proto: Protocol) -> Result<()> {
+        let description = format!("{}/{frontend} to be removed", proto.as_lower());
+        wait::wait_for(DEFAULT_TIMEOUT, &description, || {
+            self.ensure_running().map_err(|error| error.to_string())?;
+            match self.service(frontend, proto)? {
+                None => Ok(()),
+                Some(entry) => Err(format!("{entry:?}")),
+            }
+        })
+    }
+
+    /// What is left in the pin directory (nothing once the agent has
+    /// cleaned up after itself; the guard removes leftovers on drop).
+    pub fn pins_left(&self) -> Vec<String> {
+        self.pin_dir.pins()
+    }
+
+    /// Whether the pin directory itself still exists.
+    pub fn pin_dir_exists(&self) -> bool {
+        self.pin_dir.path().exists()
+    }
+
+    /// Stops the agent with SIGTERM (SIGKILL after [`STOP_TIMEOUT`]) and
+    /// returns how it exited; an error if it was stopped already. The pin
+    /// directory stays as the agent left it until this guard is dropped.
+    pub fn stop(&self) -> Result<ExitStatus> {
+        let Some(mut child) = self.lock_child().take() else {
+            return Err(TestbedError::io(
+                "stop lb-agent",
+                std::io::Error::from(std::io::ErrorKind::NotConnected),
+            ));
+        };
+        let pid = libc::pid_t::try_from(child.id()).expect("pids fit in pid_t");
+        // SAFETY: signalling our own child, which has not been reaped yet
+        // (we hold its `Child`), so the pid cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(wait::POLL_INTERVAL),
+                Ok(None) => {
+                    eprintln!(
+                        "testbed: lb-agent did not exit {STOP_TIMEOUT:?} after SIGTERM; killing it"
+                    );
+                    child
+                        .kill()
+                        .map_err(|source| TestbedError::io("kill lb-agent", source))?;
+                    return child
+                        .wait()
+                        .map_err(|source| TestbedError::io("wait for lb-agent", source));
+                }
+                Err(source) => return Err(TestbedError::io("wait for lb-agent", source)),
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let already_stopped = self.lock_child().is_none();
+        // Read the maps while they are still pinned: the agent unpins them
+        // when it stops.
+        let diagnostics = (thread::panicking() && !already_stopped).then(|| self.diagnostics());
+        if !already_stopped && let Err(error) = self.stop() {
+            eprintln!("testbed: {error}");
+        }
+        if thread::panicking() {
+            if let Some(diagnostics) = diagnostics {
+                eprintln!(
+                    "----- lb-agent maps ({}) -----\n{diagnostics}----- end of lb-agent maps -----",
+                    self.pin_dir.path().display()
+                );
+            }
+            eprintln!(
+                "----- lb-agent log ({}) -----\n{}\n----- end of lb-agent log -----",
+                self.pin_dir.path().display(),
+                self.log()
+            );
+        }
+        if let Err(error) = fs::remove_file(&self.log_path) {
+            eprintln!(
+                "testbed: could not remove {}: {error}",
+                self.log_path.display()
+            );
+        }
+    }
+}
+
+/// Names of the programs attached at tcx ingress of `iface` in namespace
+/// `ns`, in order, as the kernel reports them (`BPF_PROG_QUERY`).
+pub fn tcx_ingress_programs(ns: &NetNs, iface: &str) -> Result<Vec<String>, String> {
+    let name = CString::new(iface).map_err(|_| format!("interface name {iface:?} contains NUL"))?;
+    // The interface name resolves in the calling thread's namespace.
+    let (_revision, programs) = ns
+        .run(|| SchedClassifier::query_tcx(name.as_c_str(), TcAttachType::Ingress))
+        .map_err(|error| error.to_string())?
+        .map_err(|error| format!("query tcx ingress of {iface} in {}: {error}", ns.name()))?;
+    Ok(programs
+        .iter()
+        .map(|program| program.name_as_str().unwrap_or("?").to_owned())
+        .collect())
+}

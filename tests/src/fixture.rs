@@ -1,0 +1,255 @@
+//! A ready-made cluster for end-to-end tests and the demo: one node, one
+//! client pod, `n` backend pods running servers, a manifest directory and
+//! the agent attached to every pod's veth.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::agent::Agent;
+use crate::error::Result;
+use crate::manifests::{
+    Endpoint, EndpointPort, EndpointSlice, ManifestDir, Protocol, Service, ServicePort,
+};
+use crate::topology::{Node, Pod, Testbed};
+use crate::traffic::{TcpServer, UdpServer};
+
+/// Name of the node of a [`OneNode`] cluster.
+pub const NODE: &str = "node";
+/// Name of its client pod (always the first pod: `198.18.0.2`).
+pub const CLIENT: &str = "client";
+
+/// Name of backend pod `n` (1-based; it gets subnet `198.18.<n>.0/24`).
+pub fn backend_name(n: usize) -> String {
+    format!("backend-{n}")
+}
+
+/// One node with a client pod and backend pods `backend-1..=n`, each
+/// backend running a TCP server on every port of `tcp_ports` and a UDP
+/// server on every port of `udp_ports`.
+///
+/// Field order is teardown order: the agent stops first (it detaches from
+/// the pod interfaces and unpins), then the servers, then the namespaces
+/// and the scratch directory with the manifests.
+#[derive(Debug)]
+pub struct OneNode {
+    agent: Option<Agent>,
+    tcp_servers: Vec<TcpServer>,
+    udp_servers: Vec<UdpServer>,
+    manifests: ManifestDir,
+    testbed: Testbed,
+}
+
+impl OneNode {
+    /// Builds the namespaces and starts the servers; the agent is started
+    /// separately ([`OneNode::start_agent`]) so manifests can be put in
+    /// place before it first reads them.
+    pub fn build(tag: &str, backends: usize, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self> {
+        let mut testbed = Testbed::new(tag)?;
+        let manifests = ManifestDir::create(testbed.scratch().join("manifests"))?;
+        let node = testbed.add_node(NODE)?;
+        node.add_pod(CLIENT)?;
+        for n in 1..=backends {
+            node.add_pod(&backend_name(n))?;
+        }
+        let mut tcp_servers = Vec::new();
+        let mut udp_servers = Vec::new();
+        for backend in &node.pods()[1..] {
+            for &port in tcp_ports {
+                tcp_servers.push(TcpServer::start(backend, port)?);
+            }
+            for &port in udp_ports {
+                udp_servers.push(UdpServer::start(backend, port)?);
+            }
+        }
+        Ok(Self {
+            agent: None,
+            tcp_servers,
+            udp_servers,
+            manifests,
+            testbed,
+        })
+    }
+
+    /// [`OneNode::build`], then [`OneNode::start_agent`].
+    pub fn start(tag: &str, backends: usize, tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self> {
+        let mut cluster = Self::build(tag, backends, tcp_ports, udp_ports)?;
+        cluster.start_agent()?;
+        Ok(cluster)
+    }
+
+    /// Starts the agent on the node, attached to every pod's interface,
+    /// watching the manifest directory, pinning under
+    /// `/sys/fs/bpf/<testbed>-agent`.
+    pub fn start_agent(&mut self) -> Result<&Agent> {
+        assert!(self.agent.is_none(), "the agent is already running");
+        let pin_dir = self.testbed.pin_dir("agent")?;
+        let node = self.node();
+        let agent = Agent::start(node, self.manifests.path(), &node.pod_ifaces(), pin_dir)?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// The running agent; panics if it was not started (a bug in the test).
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("the agent was not started")
+    }
+
+    /// Stops the agent (see [`Agent::stop`]), notes what it left in its pin
+    /// directory, and drops it (which removes the leftovers).
+    pub fn stop_agent(&mut self) -> Result<StoppedAgent> {
+        let agent = self.agent.take().expect("the agent was not started");
+        let status = agent.stop()?;
+        Ok(StoppedAgent {
+            status,
+            pin_dir_left: agent.pin_dir_exists(),
+            pins_left: agent.pins_left(),
+        })
+    }
+
+    pub fn testbed(&self) -> &Testbed {
+        &self.testbed
+    }
+
+    pub fn node(&self) -> &Node {
+        self.testbed.node(NODE)
+    }
+
+    pub fn manifests(&self) -> &ManifestDir {
+        &self.manifests
+    }
+
+    pub fn client(&self) -> &Pod {
+        self.node().pod(CLIENT)
+    }
+
+    /// Backend pod `n`, 1-based.
+    pub fn backend(&self, n: usize) -> &Pod {
+        self.node().pod(&backend_name(n))
+    }
+
+    pub fn backends(&self) -> &[Pod] {
+        &self.node().pods()[1..]
+    }
+
+    pub fn tcp_servers(&self) -> &[TcpServer] {
+        &self.tcp_servers
+    }
+
+    pub fn udp_servers(&self) -> &[UdpServer] {
+        &self.udp_servers
+    }
+}
+
+/// How the agent of a [`OneNode`] ended.
+#[derive(Debug)]
+pub struct StoppedAgent {
+    pub status: std::process::ExitStatus,
+    /// The pin directory still existed after the agent exited.
+    pub pin_dir_left: bool,
+    /// Pins the agent left behind.
+    pub pins_left: Vec<String>,
+}
+
+/// A Service `name` with one TCP and one UDP port, and its EndpointSlice:
+/// the shape most tests need.
+#[derive(Clone, Debug)]
+pub struct SimpleService {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    /// Service port and target port of the TCP port named `tcp`.
+    pub tcp: (u16, u16),
+    /// Service port and target port of the UDP port named `udp`.
+    pub udp: (u16, u16),
+}
+
+impl SimpleService {
+    pub fn new(name: &str, cluster_ip: Ipv4Addr, tcp: (u16, u16), udp: (u16, u16)) -> Self {
+        Self {
+            name: name.to_owned(),
+            cluster_ip,
+            tcp,
+            udp,
+        }
+    }
+
+    pub fn tcp_frontend(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.cluster_ip, self.tcp.0)
+    }
+
+    pub fn udp_frontend(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.cluster_ip, self.udp.0)
+    }
+
+    /// The file the Service goes into (`svc-<name>.yaml`).
+    pub fn service_file(&self) -> String {
+        format!("svc-{}.yaml", self.name)
+    }
+
+    /// The file the EndpointSlice goes into (`eps-<name>.yaml`).
+    pub fn slice_file(&self) -> String {
+        format!("eps-{}.yaml", self.name)
+    }
+
+    pub fn service(&self) -> Service {
+        Service::new(
+            &self.name,
+            self.cluster_ip,
+            vec![
+                ServicePort::tcp("tcp", self.tcp.0, self.tcp.1),
+                ServicePort::udp("udp", self.udp.0, self.udp.1),
+            ],
+        )
+    }
+
+    pub fn slice(&self, endpoints: &[Endpoint]) -> EndpointSlice {
+        EndpointSlice::new(
+            &self.name,
+            "1",
+            vec![
+                EndpointPort::tcp("tcp", self.tcp.1),
+                EndpointPort::udp("udp", self.udp.1),
+            ],
+            endpoints.to_vec(),
+        )
+    }
+
+    pub fn write_service(&self, manifests: &ManifestDir) -> Result<()> {
+        manifests.write(&self.service_file(), &[self.service().to_value()])
+    }
+
+    pub fn write_slice(&self, manifests: &ManifestDir, endpoints: &[Endpoint]) -> Result<()> {
+        manifests.write(&self.slice_file(), &[self.slice(endpoints).to_value()])
+    }
+
+    /// The `(backend, ready)` pairs the agent should report for the TCP
+    /// frontend given these endpoints.
+    pub fn expected_tcp_backends(&self, endpoints: &[Endpoint]) -> Vec<(SocketAddrV4, bool)> {
+        expected_backends(endpoints, self.tcp.1)
+    }
+
+    /// Same for the UDP frontend.
+    pub fn expected_udp_backends(&self, endpoints: &[Endpoint]) -> Vec<(SocketAddrV4, bool)> {
+        expected_backends(endpoints, self.udp.1)
+    }
+
+    /// Waits until both frontends have exactly the backends `endpoints`
+    /// describe.
+    pub fn wait_programmed(&self, agent: &Agent, endpoints: &[Endpoint]) -> Result<()> {
+        agent.wait_for_backends(
+            self.tcp_frontend(),
+            Protocol::Tcp,
+            &self.expected_tcp_backends(endpoints),
+        )?;
+        agent.wait_for_backends(
+            self.udp_frontend(),
+            Protocol::Udp,
+            &self.expected_udp_backends(endpoints),
+        )?;
+        Ok(())
+    }
+}
+
+fn expected_backends(endpoints: &[Endpoint], port: u16) -> Vec<(SocketAddrV4, bool)> {
+    endpoints
+        .iter()
+        .map(|endpoint| (SocketAddrV4::new(endpoint.address, port), endpoint.ready))
+        .collect()
+}
