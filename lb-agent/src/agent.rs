@@ -155,6 +155,22 @@ impl Applier {
     }
 }
 
+/// Watches the manifest directory anew (it was removed or replaced); if it
+/// cannot be watched yet, the old watcher stays and the periodic rescan
+/// tries again.
+fn renew_watcher(watcher: &mut DirWatcher, dir: &std::path::Path) {
+    match DirWatcher::new(dir) {
+        Ok(renewed) => {
+            info!(dir = %dir.display(), "the manifest directory was replaced; watching the new one");
+            *watcher = renewed;
+        }
+        Err(error) => warn!(
+            "{}; rescanning every {RESYNC_INTERVAL:?}",
+            error_chain(&error)
+        ),
+    }
+}
+
 async fn serve(
     options: &RunOptions,
     datapath: &mut Datapath,
@@ -185,7 +201,12 @@ async fn serve(
         None
     };
 
-    let writer = Writer::new(datapath.take_maps()?)?;
+    let maps = datapath.take_maps()?;
+    let writer = if datapath.reused_pins().is_empty() {
+        Writer::new(maps)
+    } else {
+        Writer::adopt(maps)?
+    };
     let mut applier = Applier {
         source: ManifestSource::new(&options.manifests),
         writer,
@@ -217,14 +238,17 @@ async fn serve(
         let report = tokio::select! {
             reason = &mut stop => break reason,
             change = watcher.changed() => {
-                if change.is_none() {
-                    warn!("the manifest directory watch ended; relying on periodic rescans");
-                    // Keep serving; the resync tick still rescans.
-                    watcher = DirWatcher::new(&options.manifests)?;
+                if change.is_none() || watcher.is_stale() {
+                    renew_watcher(&mut watcher, &options.manifests);
                 }
                 applier.rescan(false)
             }
-            _ = resync.tick() => applier.rescan(false),
+            _ = resync.tick() => {
+                if watcher.is_stale() {
+                    renew_watcher(&mut watcher, &options.manifests);
+                }
+                applier.rescan(false)
+            }
             () = async {
                 match retry_at {
                     Some(at) => tokio::time::sleep_until(at).await,

@@ -11,7 +11,7 @@ use std::path::Path;
 use aya::maps::{HashMap, MapData};
 use common::{NetnsGuard, PinDirGuard, load_options, require_privileges};
 use lb_agent::datapath::loader::{Datapath, LoadError};
-use lb_agent::datapath::writer::Writer;
+use lb_agent::datapath::writer::{MapOps, Writer};
 use lb_agent::inspect::{self, ServiceEntry};
 use lb_agent::model::{Protocol, ServicePortName};
 use lb_agent::source::manifests::ManifestSource;
@@ -98,7 +98,7 @@ fn writer_programs_real_maps_and_inspect_reads_them_back() {
         assert!(pins.path().join(name).exists(), "{name} not pinned");
     }
 
-    let mut writer = Writer::new(datapath.take_maps().unwrap()).unwrap();
+    let mut writer = Writer::new(datapath.take_maps().unwrap());
     let desired = fixture_state();
     let report = writer.apply(&desired);
     assert_eq!(report.failures, 0);
@@ -109,6 +109,8 @@ fn writer_programs_real_maps_and_inspect_reads_them_back() {
         0,
         "unchanged state rewrote maps"
     );
+    // What the kernel holds is what the writer believes it holds.
+    assert_eq!(&writer.maps().read_all().unwrap(), writer.programmed());
 
     check_fixture_services(pins.path());
     assert!(inspect::conntrack(pins.path()).unwrap().is_empty());
@@ -145,7 +147,7 @@ fn kept_pins_are_reused_with_their_flows_and_ids() {
     let desired = fixture_state();
 
     let mut datapath = Datapath::load(&load_options(pins.path())).unwrap();
-    let mut writer = Writer::new(datapath.take_maps().unwrap()).unwrap();
+    let mut writer = Writer::new(datapath.take_maps().unwrap());
     writer.apply(&desired);
     let service_id = writer.service_id(&web_http()).unwrap();
     let before = inspect::services(pins.path()).unwrap();
@@ -185,7 +187,7 @@ fn kept_pins_are_reused_with_their_flows_and_ids() {
     // Restart: same maps, same ids, no write needed, the flow is still there.
     let mut datapath = Datapath::load(&load_options(pins.path())).unwrap();
     assert_eq!(datapath.reused_pins().len(), ALL_MAPS.len());
-    let mut writer = Writer::new(datapath.take_maps().unwrap()).unwrap();
+    let mut writer = Writer::adopt(datapath.take_maps().unwrap()).unwrap();
     let report = writer.apply(&desired);
     assert_eq!(report.writes, 0, "adopted maps were rewritten");
     assert_eq!(writer.service_id(&web_http()), Some(service_id));

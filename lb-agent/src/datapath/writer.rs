@@ -344,11 +344,21 @@ pub struct Writer<M: MapOps> {
 }
 
 impl<M: MapOps> Writer<M> {
-    /// A writer for `maps`, adopting whatever they already hold (maps
-    /// reused from pins of a previous instance; empty for fresh maps).
-    pub fn new(maps: M) -> Result<Self, MapReadError> {
+    /// A writer for maps that were just created (empty).
+    pub fn new(maps: M) -> Self {
+        Self::with_contents(maps, MapContents::default(), 0)
+    }
+
+    /// A writer for maps a previous instance programmed (reused pins): it
+    /// reads them back and adopts their service and backend ids, so
+    /// established flows keep their service id and backend.
+    pub fn adopt(maps: M) -> Result<Self, MapReadError> {
         let programmed = maps.read_all()?;
         let highest_flow_id = maps.highest_flow_service_id()?;
+        Ok(Self::with_contents(maps, programmed, highest_flow_id))
+    }
+
+    fn with_contents(maps: M, programmed: MapContents, highest_flow_id: u32) -> Self {
         let backend_capacity = maps.backend_capacity();
 
         let mut backend_ids = BTreeMap::new();
@@ -384,7 +394,7 @@ impl<M: MapOps> Writer<M> {
             .max()
             .unwrap_or(0);
 
-        Ok(Self {
+        Self {
             maps,
             programmed,
             service_ids: BTreeMap::new(),
@@ -396,7 +406,7 @@ impl<M: MapOps> Writer<M> {
             backend_capacity,
             revnat_overflow: BTreeSet::new(),
             map_errors: 0,
-        })
+        }
     }
 
     /// What the writer believes the maps hold.
@@ -990,7 +1000,7 @@ mod tests {
     }
 
     fn writer() -> Writer<FakeMaps> {
-        Writer::new(FakeMaps::new()).unwrap()
+        Writer::new(FakeMaps::new())
     }
 
     fn backend_id(writer: &Writer<FakeMaps>, last: u8) -> u32 {
@@ -1395,7 +1405,7 @@ mod tests {
     fn backend_id_space_exhaustion_is_an_error_not_a_panic() {
         let mut maps = FakeMaps::new();
         maps.backend_capacity = 3; // ids 1 and 2
-        let mut writer = Writer::new(maps).unwrap();
+        let mut writer = Writer::adopt(maps).unwrap();
         let web = frontend(1, 80);
         let report = writer.apply(&state(&[(
             "web",
@@ -1422,7 +1432,7 @@ mod tests {
         maps.log.clear();
         maps.highest_flow_service_id = 40;
 
-        let mut second = Writer::new(maps).unwrap();
+        let mut second = Writer::adopt(maps).unwrap();
         let report = second.apply(&desired);
         assert_eq!(report.writes, 0, "{:?}", second.maps.log);
         assert_eq!(second.service_id(&name("web")), Some(web_id));
@@ -1479,7 +1489,7 @@ mod tests {
                 ..ServiceValue::default()
             },
         );
-        let mut writer = Writer::new(maps).unwrap();
+        let mut writer = Writer::adopt(maps).unwrap();
         writer.apply(&state(&[("web", frontend(1, 80), &[(10, true)])]));
         let contents = &writer.maps.contents;
         assert!(!contents.services.contains_key(&stale));

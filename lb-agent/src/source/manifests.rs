@@ -25,11 +25,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -512,6 +514,10 @@ impl ManifestSource {
 pub struct DirWatcher {
     _watcher: notify::RecommendedWatcher,
     events: mpsc::UnboundedReceiver<()>,
+    /// Set when the watched directory itself was removed or renamed:
+    /// inotify follows the inode, so a directory put in its place under the
+    /// same path is not watched.
+    lost: Arc<AtomicBool>,
 }
 
 /// Whether an event can change what the directory holds. Opening or
@@ -531,10 +537,22 @@ impl DirWatcher {
             path: dir.to_owned(),
             source,
         };
+        let lost = Arc::new(AtomicBool::new(false));
+        let watched = dir.to_owned();
+        let lost_flag = Arc::clone(&lost);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let relevant = match &event {
-                    Ok(event) => is_change(&event.kind),
+                    Ok(event) => {
+                        let moved_away = matches!(
+                            event.kind,
+                            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                        );
+                        if moved_away && event.paths.contains(&watched) {
+                            lost_flag.store(true, Ordering::Relaxed);
+                        }
+                        is_change(&event.kind)
+                    }
                     Err(error) => {
                         // Lost events (queue overflow): rescan to be sure.
                         warn!(error = %error, "manifest directory watch error; rescanning");
@@ -553,7 +571,14 @@ impl DirWatcher {
         Ok(Self {
             _watcher: watcher,
             events,
+            lost,
         })
+    }
+
+    /// Whether the watched directory was removed or renamed, so that a new
+    /// watcher is needed for whatever now has its path.
+    pub fn is_stale(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// Waits for a change, then until the directory has been quiet for
@@ -816,6 +841,22 @@ spec:
         let state = source.translate().state;
         let (_, port) = state.services().next().unwrap();
         assert_eq!(port.frontends.first().unwrap().port, 81);
+    }
+
+    #[tokio::test]
+    async fn watcher_notices_a_replaced_directory() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        let mut watcher = DirWatcher::new(&dir).unwrap();
+        assert!(!watcher.is_stale());
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watcher.changed())
+            .await
+            .expect("removal not reported")
+            .unwrap();
+        assert!(watcher.is_stale());
     }
 
     #[tokio::test]
