@@ -287,10 +287,7 @@ fn raw_request(
     };
     let mut rest = &raw[head_end + 4..];
     if response.header("transfer-encoding") == Some("chunked") {
-        loop {
-            let Some(line_end) = rest.windows(2).position(|window| window == b"\r\n") else {
-                break;
-            };
+        while let Some(line_end) = rest.windows(2).position(|window| window == b"\r\n") {
             let size = usize::from_str_radix(
                 std::str::from_utf8(&rest[..line_end]).expect("hex size"),
                 16,
