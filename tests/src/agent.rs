@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::net::SocketAddrV4;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -18,7 +19,7 @@ use crate::error::{Result, TestbedError};
 use crate::manifests::Protocol;
 use crate::netns::NetNs;
 use crate::topology::Node;
-use crate::wait::{self, DEFAULT_TIMEOUT};
+use crate::wait::{self, DEFAULT_TIMEOUT, Probe};
 
 /// Environment variable naming the agent binary (`cargo xtask test` sets it).
 pub const AGENT_BIN_ENV: &str = "LB_AGENT_BIN";
@@ -73,6 +74,19 @@ impl Agent {
             .map_err(|source| TestbedError::path("duplicate", &log_path, source))?;
 
         let mut command = node.ns().command(&binary)?;
+        // If the test process dies without unwinding (SIGKILL, a harness
+        // timeout), the kernel sends the agent SIGTERM, so it still detaches
+        // and unpins. The signal follows the spawning *thread*: an Agent
+        // must not outlive the thread that started it.
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         command
             .arg("run")
             .arg("--manifests")
@@ -104,28 +118,47 @@ impl Agent {
         // The agent pins its maps one by one after loading, attaches, and
         // may program the maps before it attaches: ready means every map
         // pinned and the program on every interface, as the kernel reports.
-        wait::wait_for(START_TIMEOUT, "lb-agent to pin its maps and attach", || {
-            agent.ensure_running().map_err(|error| error.to_string())?;
-            let missing: Vec<&str> = lb_common::names::ALL_MAPS
-                .into_iter()
-                .filter(|map| !agent.pin_dir.path().join(map).exists())
-                .collect();
-            if !missing.is_empty() {
-                return Err(format!("not pinned yet: {}", missing.join(", ")));
+        let ready = wait::poll(START_TIMEOUT, "lb-agent to pin its maps and attach", || {
+            if let Err(error) = agent.ensure_running() {
+                return Probe::Failed(error);
             }
-            agent.services()?;
-            for iface in attach {
-                let programs = tcx_ingress_programs(node.ns(), iface)?;
-                if !programs
-                    .iter()
-                    .any(|name| name == lb_common::names::PROG_TC_POD)
-                {
-                    return Err(format!("tcx ingress of {iface}: {programs:?}"));
-                }
+            match agent.attached_and_pinned(node, attach) {
+                Ok(()) => Probe::Ready(()),
+                Err(state) => Probe::Pending(state),
             }
-            Ok(())
-        })?;
+        });
+        if let Err(error) = ready {
+            // The guard is dropped on return, before a caller's `expect`
+            // panics, so the log goes into the error.
+            return Err(TestbedError::AgentNotReady {
+                source: Box::new(error),
+                log: agent.log(),
+            });
+        }
         Ok(agent)
+    }
+
+    /// Every map pinned and readable, and the program at tcx ingress of
+    /// every interface in `attach`, as the kernel reports it.
+    fn attached_and_pinned(&self, node: &Node, attach: &[&str]) -> Result<(), String> {
+        let missing: Vec<&str> = lb_common::names::ALL_MAPS
+            .into_iter()
+            .filter(|map| !self.pin_dir.path().join(map).exists())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("not pinned yet: {}", missing.join(", ")));
+        }
+        self.services()?;
+        for iface in attach {
+            let programs = tcx_ingress_programs(node.ns(), iface)?;
+            if !programs
+                .iter()
+                .any(|name| name == lb_common::names::PROG_TC_POD)
+            {
+                return Err(format!("tcx ingress of {iface}: {programs:?}"));
+            }
+        }
+        Ok(())
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -242,12 +275,29 @@ impl Agent {
         accept: impl Fn(&ServiceEntry) -> bool,
     ) -> Result<ServiceEntry> {
         let description = format!("{}/{frontend}: {what}", proto.as_lower());
-        wait::wait_for(DEFAULT_TIMEOUT, &description, || {
-            self.ensure_running().map_err(|error| error.to_string())?;
-            match self.service(frontend, proto)? {
-                Some(entry) if accept(&entry) => Ok(entry),
-                Some(entry) => Err(format!("{entry:?}")),
-                None => Err("not programmed".to_owned()),
+        self.wait_for_frontend(&description, frontend, proto, |entry| match entry {
+            Some(entry) if accept(&entry) => Ok(entry),
+            Some(entry) => Err(format!("{entry:?}")),
+            None => Err("not programmed".to_owned()),
+        })
+    }
+
+    /// Polls the frontend until `check` accepts what the maps say about it
+    /// (`None`: not programmed); fails at once if the agent exits.
+    fn wait_for_frontend<T>(
+        &self,
+        description: &str,
+        frontend: SocketAddrV4,
+        proto: Protocol,
+        check: impl Fn(Option<ServiceEntry>) -> Result<T, String>,
+    ) -> Result<T> {
+        wait::poll(DEFAULT_TIMEOUT, description, || {
+            if let Err(error) = self.ensure_running() {
+                return Probe::Failed(error);
+            }
+            match self.service(frontend, proto).and_then(&check) {
+                Ok(value) => Probe::Ready(value),
+                Err(state) => Probe::Pending(state),
             }
         })
     }
@@ -277,12 +327,9 @@ impl Agent {
     /// Waits until the frontend is no longer programmed.
     pub fn wait_for_no_service(&self, frontend: SocketAddrV4, proto: Protocol) -> Result<()> {
         let description = format!("{}/{frontend} to be removed", proto.as_lower());
-        wait::wait_for(DEFAULT_TIMEOUT, &description, || {
-            self.ensure_running().map_err(|error| error.to_string())?;
-            match self.service(frontend, proto)? {
-                None => Ok(()),
-                Some(entry) => Err(format!("{entry:?}")),
-            }
+        self.wait_for_frontend(&description, frontend, proto, |entry| match entry {
+            None => Ok(()),
+            Some(entry) => Err(format!("{entry:?}")),
         })
     }
 

@@ -61,6 +61,12 @@ pub enum TestbedError {
         status: std::process::ExitStatus,
         log: String,
     },
+    #[error("lb-agent did not become ready; its log:\n{log}")]
+    AgentNotReady {
+        #[source]
+        source: Box<TestbedError>,
+        log: String,
+    },
     #[error("unexpected reply {reply:?}: {reason}")]
     BadReply { reply: String, reason: &'static str },
 }

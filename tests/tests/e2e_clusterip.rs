@@ -10,7 +10,8 @@ use std::io;
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use lb_tests::agent::tcx_ingress_programs;
+use lb_tests::agent::{Agent, START_TIMEOUT, tcx_ingress_programs};
+use lb_tests::error::TestbedError;
 use lb_tests::fixture::{OneNode, SimpleService, backend_name};
 use lb_tests::manifests::{Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort};
 use lb_tests::topology::cluster_ip;
@@ -545,4 +546,30 @@ fn stopping_the_agent_detaches_and_unpins() {
     // Without the datapath the ClusterIP leads nowhere again.
     let result = cluster.client().tcp_request(web.tcp_frontend(), "anyone?");
     assert!(result.is_err(), "{result:?}");
+}
+
+#[test]
+fn an_agent_that_cannot_attach_fails_at_once_and_leaves_nothing() {
+    let cluster = OneNode::build("noattach", 1, &[], &[]).expect("cluster");
+    let pin_dir = cluster.testbed().pin_dir("agent").expect("pin dir");
+    let pin_path = pin_dir.path().to_owned();
+    let started = Instant::now();
+    let error = Agent::start(
+        cluster.node(),
+        cluster.manifests().path(),
+        &["h0", "missing0"],
+        pin_dir,
+    )
+    .expect_err("attaching to a missing interface");
+    let took = started.elapsed();
+    assert!(took < START_TIMEOUT / 2, "failing took {took:?}");
+    assert!(
+        matches!(error, TestbedError::AgentNotReady { .. }),
+        "{error}"
+    );
+    // The log, quoted in the error, names the culprit.
+    assert!(error.to_string().contains("missing0"), "{error}");
+    assert!(!pin_path.exists(), "{} left behind", pin_path.display());
+    let programs = tcx_ingress_programs(cluster.node().ns(), "h0").expect("query tcx");
+    assert!(programs.is_empty(), "h0 still has {programs:?}");
 }

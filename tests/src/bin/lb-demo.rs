@@ -69,6 +69,11 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let extra: Vec<String> = std::env::args().skip(1).collect();
+    ensure!(
+        extra.is_empty(),
+        "lb-demo takes no arguments (got {extra:?})"
+    );
     ensure!(
         // SAFETY: getuid has no preconditions.
         unsafe { libc::getuid() } == 0,
