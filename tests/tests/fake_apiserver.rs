@@ -1181,3 +1181,66 @@ fn dropping_the_server_ends_open_watches() {
     assert_eq!(response.status, 200);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A client that goes away is forgotten at once, even while no event
+/// flows, so `open_watches` counts live watches only.
+#[test]
+fn a_client_that_hangs_up_is_forgotten() {
+    let server = FakeApiServer::start().expect("start the fake");
+    let mut stream = TcpStream::connect_timeout(&server.addr(), STEP).expect("connect to the fake");
+    stream
+        .write_all(b"GET /api/v1/services?watch=true HTTP/1.1\r\nHost: fake\r\n\r\n")
+        .expect("send the request");
+    wait_for_blocking(&server, "the raw watch", |server| {
+        server.open_watches(None) == 1
+    });
+    drop(stream);
+    wait_for_blocking(&server, "the watch forgotten", |server| {
+        server.open_watches(None) == 0
+    });
+}
+
+/// ClusterIPs as the server's allocator treats them: unique, released on
+/// delete, kept when an update leaves them out, immutable once set.
+#[test]
+fn cluster_ips_are_unique_kept_and_immutable() {
+    let server = FakeApiServer::start().expect("start the fake");
+    server
+        .create(&service("a", "198.19.10.1"))
+        .expect("create a");
+    let taken = server
+        .create(&service("b", "198.19.10.1"))
+        .expect_err("the IP is taken");
+    assert!(
+        matches!(&taken, lb_tests::fake_apiserver::FakeApiError::Rejected { code: 422, message, .. }
+            if message.contains("provided IP is already allocated")),
+        "{taken}"
+    );
+    let mut without_ip = service("a", "");
+    without_ip.spec.as_mut().unwrap().cluster_ip = None;
+    let kept = server
+        .apply(&without_ip)
+        .expect("update without a ClusterIP");
+    assert_eq!(
+        kept.spec.unwrap().cluster_ip.as_deref(),
+        Some("198.19.10.1")
+    );
+    let moved = server
+        .apply(&service("a", "198.19.10.2"))
+        .expect_err("immutable");
+    assert!(matches!(
+        moved,
+        lb_tests::fake_apiserver::FakeApiError::Rejected { code: 422, .. }
+    ));
+    server.delete::<Service>("default", "a").expect("delete a");
+    server
+        .create(&service("b", "198.19.10.1"))
+        .expect("the IP is free again");
+    let headless = server
+        .create(&service("headless", "None"))
+        .expect("headless");
+    assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    server
+        .create(&service("headless-2", "None"))
+        .expect("None is not an address");
+}

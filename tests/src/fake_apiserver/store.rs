@@ -13,7 +13,7 @@
 //! write, so each watcher sees changes in resourceVersion order with no gap
 //! and no duplicate between its replay and its live events.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -134,6 +134,8 @@ pub(super) struct Store {
     watchers: BTreeMap<u64, Watcher>,
     next_watcher: u64,
     published: watch::Sender<u64>,
+    /// Which Service holds each ClusterIP, for the allocator's uniqueness.
+    cluster_ips: HashMap<String, ObjectKey>,
 }
 
 /// Serializes a watch event line: `{"type":T,"object":O}\n`.
@@ -169,6 +171,7 @@ impl Store {
             watchers: BTreeMap::new(),
             next_watcher: 1,
             published: watch::Sender::new(initial),
+            cluster_ips: HashMap::new(),
         }
     }
 
@@ -204,13 +207,36 @@ impl Store {
     }
 
     fn cluster_ip_taken(&self, ip: &str, except: &ObjectKey) -> bool {
-        kind_range(&self.objects, ResourceKind::Service).any(|(key, service)| {
-            key != except
-                && service
-                    .pointer("/spec/clusterIPs")
-                    .and_then(Value::as_array)
-                    .is_some_and(|ips| ips.iter().any(|taken| taken.as_str() == Some(ip)))
-        })
+        self.cluster_ips
+            .get(ip)
+            .is_some_and(|owner| owner != except)
+    }
+
+    fn index_cluster_ips(
+        &mut self,
+        key: &ObjectKey,
+        before: Option<&Value>,
+        after: Option<&Value>,
+    ) {
+        let ips = |service: Option<&Value>| -> Vec<String> {
+            service
+                .and_then(|service| service.pointer("/spec/clusterIPs"))
+                .and_then(Value::as_array)
+                .map(|ips| {
+                    ips.iter()
+                        .filter_map(Value::as_str)
+                        .filter(|ip| *ip != "None")
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for ip in ips(before) {
+            self.cluster_ips.remove(&ip);
+        }
+        for ip in ips(after) {
+            self.cluster_ips.insert(ip, key.clone());
+        }
     }
 
     /// Writes `object` as the API server would store it: server-set
@@ -348,6 +374,9 @@ impl Store {
                 (Arc::new(last), true)
             }
         };
+        if key.0 == ResourceKind::Service {
+            self.index_cluster_ips(&key, before.as_deref(), (!deleted).then_some(&*object));
+        }
         let change = Change {
             resource_version,
             key,
