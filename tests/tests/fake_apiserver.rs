@@ -1244,3 +1244,20 @@ fn cluster_ips_are_unique_kept_and_immutable() {
         .create(&service("headless-2", "None"))
         .expect("None is not an address");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_presents_the_kubeconfig_token() {
+    let server = FakeApiServer::start_with(FakeApiConfig {
+        bearer_token: Some("s3cret".into()),
+        ..FakeApiConfig::default()
+    })
+    .expect("start the fake");
+    server.create(&node("node-a")).expect("create");
+    let connected = connect(&server).await;
+    let nodes: Api<Node> = Api::all(connected.client.clone());
+    let list = within("list", nodes.list(&ListParams::default()))
+        .await
+        .expect("kube authenticates with the token");
+    assert_eq!(list.items.len(), 1);
+    assert!(server.requests().iter().all(|record| record.status == 200));
+}
