@@ -57,7 +57,8 @@ impl Agent {
     /// Starts `lb-agent run --manifests <manifests> --attach <iface>...
     /// --pin-dir <pin_dir>` in `node`'s network namespace (and the test's
     /// mount namespace, so it sees bpffs) and waits until its maps are
-    /// pinned. Its stdout and stderr go to a log file.
+    /// pinned and its program is attached to every interface of `attach`.
+    /// Its stdout and stderr go to a log file.
     pub fn start(node: &Node, manifests: &Path, attach: &[&str], pin_dir: PinDir) -> Result<Self> {
         let binary = agent_binary()?;
         let pin_name = pin_dir
@@ -99,6 +100,8 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        // The log is a file, read by people in test output: no colour codes.
+        command.env("NO_COLOR", "1");
         command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -127,15 +130,17 @@ impl Agent {
                 Err(state) => Probe::Pending(state),
             }
         });
-        if let Err(error) = ready {
+        match ready {
+            Ok(()) => Ok(agent),
+            // Carries the log already.
+            Err(error @ TestbedError::AgentExited { .. }) => Err(error),
             // The guard is dropped on return, before a caller's `expect`
             // panics, so the log goes into the error.
-            return Err(TestbedError::AgentNotReady {
+            Err(error) => Err(TestbedError::AgentNotReady {
                 source: Box::new(error),
                 log: agent.log(),
-            });
+            }),
         }
-        Ok(agent)
     }
 
     /// Every map pinned and readable, and the program at tcx ingress of

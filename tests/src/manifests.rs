@@ -318,3 +318,118 @@ impl ManifestDir {
         Ok(copied)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::discovery::v1 as discovery;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use k8s_openapi::serde::Deserialize;
+
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(crate::names::unique(name));
+        fs::create_dir(&path).expect("create scratch directory");
+        path
+    }
+
+    #[test]
+    fn objects_are_what_kubernetes_types_accept() {
+        let service = Service::new(
+            "web",
+            Ipv4Addr::new(198, 19, 0, 10),
+            vec![
+                ServicePort::tcp("http", 80, "web"),
+                ServicePort::udp("dns", 53, 5353),
+            ],
+        );
+        let slice = EndpointSlice::new(
+            "web",
+            "1",
+            vec![
+                EndpointPort::tcp("http", 8080),
+                EndpointPort::udp("dns", 5353),
+            ],
+            vec![
+                Endpoint::ready(Ipv4Addr::new(198, 18, 1, 2)),
+                Endpoint::not_ready(Ipv4Addr::new(198, 18, 2, 2)),
+            ],
+        );
+        let directory = scratch("manifests");
+        let manifests = ManifestDir {
+            path: directory.clone(),
+        };
+        manifests
+            .write("web.yaml", &[service.to_value(), slice.to_value()])
+            .expect("write");
+        let names: Vec<String> = fs::read_dir(&directory)
+            .expect("list")
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, ["web.yaml"], "no temporary file may stay behind");
+
+        let text = fs::read_to_string(directory.join("web.yaml")).expect("read back");
+        let mut documents = serde_yaml::Deserializer::from_str(&text);
+        let parsed = core::Service::deserialize(documents.next().expect("first document"))
+            .expect("a v1 Service");
+        let parsed_slice =
+            discovery::EndpointSlice::deserialize(documents.next().expect("second document"))
+                .expect("a v1 EndpointSlice");
+        assert!(documents.next().is_none());
+        fs::remove_dir_all(&directory).expect("clean up");
+
+        let spec = parsed.spec.expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("198.19.0.10"));
+        let ports = spec.ports.expect("ports");
+        assert_eq!(ports[0].name.as_deref(), Some("http"));
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String("web".into()))
+        );
+        assert_eq!(ports[1].protocol.as_deref(), Some("UDP"));
+        assert_eq!(ports[1].target_port, Some(IntOrString::Int(5353)));
+
+        let labels = parsed_slice.metadata.labels.expect("labels");
+        assert_eq!(labels["kubernetes.io/service-name"], "web");
+        assert_eq!(parsed_slice.address_type, "IPv4");
+        let endpoints = parsed_slice.endpoints;
+        assert_eq!(endpoints[0].addresses, ["198.18.1.2"]);
+        assert_eq!(
+            endpoints[1].conditions.as_ref().and_then(|c| c.ready),
+            Some(false)
+        );
+        let ports = parsed_slice.ports.expect("ports");
+        assert_eq!(
+            (ports[0].name.as_deref(), ports[0].port),
+            (Some("http"), Some(8080))
+        );
+    }
+
+    #[test]
+    fn write_text_replaces_and_remove_deletes() {
+        let directory = scratch("rewrite");
+        let manifests = ManifestDir {
+            path: directory.clone(),
+        };
+        manifests.write_text("a.yaml", "first").expect("write");
+        manifests.write_text("a.yaml", "second").expect("rewrite");
+        assert_eq!(
+            fs::read_to_string(directory.join("a.yaml")).expect("read"),
+            "second"
+        );
+        manifests.remove("a.yaml").expect("remove");
+        assert!(
+            manifests.remove("a.yaml").is_err(),
+            "removing a missing file is an error"
+        );
+        assert_eq!(fs::read_dir(&directory).expect("list").count(), 0);
+        fs::remove_dir_all(&directory).expect("clean up");
+    }
+}

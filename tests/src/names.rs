@@ -15,3 +15,17 @@ pub fn unique(tag: &str) -> String {
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{PREFIX}-{tag}-{}-{counter}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_unique_and_recognisable() {
+        let first = super::unique("x");
+        let second = super::unique("x");
+        assert_ne!(first, second);
+        assert!(
+            first.starts_with(&format!("lbt-x-{}-", std::process::id())),
+            "{first}"
+        );
+    }
+}

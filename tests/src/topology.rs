@@ -248,3 +248,23 @@ impl Pod {
         self.ns.run(task)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addressing_plan() {
+        assert_eq!(cluster_ip(10), Ipv4Addr::new(198, 19, 0, 10));
+        assert_eq!(cluster_ip(257), Ipv4Addr::new(198, 19, 1, 1));
+        assert_eq!(pod_octet(0, 3), 3);
+        assert_eq!(pod_octet(1, 0), 32);
+        assert_eq!(pod_octet(MAX_NODES - 1, MAX_PODS_PER_NODE - 1), 255);
+    }
+
+    #[test]
+    #[should_panic(expected = "pods per node")]
+    fn addressing_plan_is_bounded() {
+        pod_octet(0, MAX_PODS_PER_NODE);
+    }
+}

@@ -551,3 +551,37 @@ impl Pod {
         self.run_io(|| udp_spread(destination, count))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip() {
+        let client: SocketAddr = "198.18.0.2:40000".parse().expect("address");
+        let line = format_reply("backend-1", 8080, client, "hello there");
+        let reply = Reply::parse(&line).expect("parse");
+        assert_eq!(
+            reply,
+            Reply {
+                server: "backend-1".into(),
+                server_port: 8080,
+                client_seen: "198.18.0.2:40000".parse().expect("address"),
+                echo: "hello there".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        for line in [
+            "",
+            "backend-1 8080 198.18.0.2:1 cut short",
+            "backend-1\n",
+            "backend-1 http 198.18.0.2:1 x\n",
+            "backend-1 8080 nowhere x\n",
+        ] {
+            assert!(Reply::parse(line).is_err(), "{line:?} parsed");
+        }
+    }
+}
