@@ -152,6 +152,15 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
         Ok(backend)
     };
 
+    // Service id -> the backend addresses listing it, for one pass below.
+    let mut listed_by: BTreeMap<u32, Vec<&BackendAddr>> = BTreeMap::new();
+    for (addr, links) in &revnat {
+        let count = (links.count as usize).min(links.service_ids.len());
+        for id in &links.service_ids[..count] {
+            listed_by.entry(*id).or_default().push(addr);
+        }
+    }
+
     let mut entries = Vec::with_capacity(services.len());
     for (key, value) in &services {
         let mut listed = Vec::new();
@@ -173,12 +182,8 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
             });
         }
         let mut others: Vec<BackendEntry> = Vec::new();
-        for (addr, links) in &revnat {
-            let count = (links.count as usize).min(links.service_ids.len());
-            if !links.service_ids[..count].contains(&value.id) {
-                continue;
-            }
-            let id = id_of.get(addr).copied().unwrap_or(0);
+        for addr in listed_by.get(&value.id).into_iter().flatten() {
+            let id = id_of.get(*addr).copied().unwrap_or(0);
             if in_slots.contains(&id) {
                 continue;
             }
