@@ -235,6 +235,22 @@ fn incompatible_pins_are_refused_clearly() {
 }
 
 #[test]
+fn a_pin_dir_in_use_is_refused() {
+    require_privileges();
+    let pins = PinDirGuard::new();
+    let first = Datapath::load(&load_options(pins.path())).unwrap();
+    let error = Datapath::load(&load_options(pins.path())).unwrap_err();
+    assert!(matches!(error, LoadError::PinDirInUse(_)), "{error:?}");
+    assert!(error.to_string().contains("another lb-agent"));
+    // The refused load touched nothing: the first instance's pins remain.
+    for name in ALL_MAPS {
+        assert!(pins.path().join(name).exists());
+    }
+    first.shutdown(false).unwrap();
+    assert!(!pins.path().exists());
+}
+
+#[test]
 fn pin_dir_outside_bpffs_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let error = Datapath::load(&load_options(&dir.path().join("pins"))).unwrap_err();

@@ -3,7 +3,9 @@
 //! program attached with tcx, and the orderly reverse on shutdown.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +73,17 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "another lb-agent is using the pin directory {} (one directory per instance: see --pin-dir)",
+        .0.display()
+    )]
+    PinDirInUse(PathBuf),
+    #[error("locking the pin directory {}", path.display())]
+    LockPinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("creating the pin directory {}", path.display())]
     CreatePinDir {
         path: PathBuf,
@@ -132,6 +145,9 @@ pub enum LoadError {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Holds an exclusive flock on the pin directory while this instance
+    /// lives (the kernel drops it when the process exits, even by crash).
+    _pin_dir_lock: File,
     reused_pins: Vec<&'static str>,
     links: Vec<(String, SchedClassifierLinkId)>,
 }
@@ -173,6 +189,26 @@ fn check_bpffs(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Takes an exclusive lock on the pin directory, so two agents never
+/// share (and fight over) one set of maps.
+fn lock_pin_dir(pin_dir: &Path) -> Result<File, LoadError> {
+    let lock_error = |source| LoadError::LockPinDir {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    let dir = File::open(pin_dir).map_err(lock_error)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = io::Error::last_os_error();
+        return Err(if error.kind() == io::ErrorKind::WouldBlock {
+            LoadError::PinDirInUse(pin_dir.to_owned())
+        } else {
+            lock_error(error)
+        });
+    }
+    Ok(dir)
+}
+
 impl Datapath {
     /// Loads the embedded object, sizing its maps and pinning them under
     /// `options.pin_dir` (reusing pins that exist, so a restarted agent
@@ -186,6 +222,7 @@ impl Datapath {
             path: pin_dir.clone(),
             source,
         })?;
+        let pin_dir_lock = lock_pin_dir(pin_dir)?;
         let reused_pins: Vec<&'static str> = ALL_MAPS
             .into_iter()
             .filter(|name| pin_dir.join(name).exists())
@@ -215,6 +252,7 @@ impl Datapath {
                 Ok(Self {
                     ebpf,
                     pin_dir: pin_dir.clone(),
+                    _pin_dir_lock: pin_dir_lock,
                     reused_pins,
                     links: Vec::new(),
                 })
