@@ -11,7 +11,11 @@
 //! outcome is a flow that keeps the long timeout after it closed, which the
 //! LRU reclaims under pressure anyway.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+};
+use bytemuck::Zeroable;
 use lb_common::{
     backend::Backend,
     conntrack::{
@@ -22,7 +26,7 @@ use lb_common::{
 use crate::{
     config::Config,
     error::Error,
-    maps::LB_CONNTRACK,
+    maps::{LB_CLOCK, LB_CONNTRACK},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -31,12 +35,68 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// Flow flags that mean the TCP connection is closing.
 const FLOW_F_CLOSING: u8 = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND | FLOW_F_RST;
 
-/// Seconds of CLOCK_MONOTONIC at tick resolution, the unit of
-/// `Flow::last_seen`. The coarse clock is a plain load, unlike ktime_get_ns.
-#[inline(always)]
-pub fn now() -> u32 {
-    // SAFETY: plain helper call.
-    (unsafe { bpf_ktime_get_coarse_ns() } / NS_PER_SEC) as u32
+/// The time a packet is handled at, read once: nanoseconds of
+/// CLOCK_MONOTONIC at tick resolution (`bpf_ktime_get_coarse_ns`).
+///
+/// Flows store whole seconds (`Flow::last_seen`). Comparisons multiply the
+/// stored seconds instead of dividing the clock, so the established path
+/// has no 64-bit division; [`Now::secs`] divides only when a second is
+/// stored.
+#[derive(Clone, Copy)]
+pub struct Now {
+    ns: u64,
+}
+
+impl Now {
+    /// The coarse clock only moves when the tick updates the timekeeper,
+    /// which is also when `jiffies` moves; `bpf_jiffies64` is inlined by
+    /// the verifier (a load), while a clock helper call costs ~10 ns. So
+    /// each CPU keeps the clock value it read last together with the
+    /// jiffies it read it at, and calls the helper only once per tick.
+    /// The tick updates jiffies just before the timekeeper, so a packet in
+    /// that window caches the previous tick's value for one tick: a
+    /// timestamp at most one tick (<= 4 ms) old.
+    #[inline(always)]
+    pub fn read() -> Self {
+        // SAFETY: plain helper calls.
+        let jiffies = unsafe { bpf_jiffies64() };
+        let Some(cache) = LB_CLOCK.get_ptr_mut(0) else {
+            // SAFETY: plain helper call.
+            return Self {
+                ns: unsafe { bpf_ktime_get_coarse_ns() },
+            };
+        };
+        // SAFETY: this CPU's slot of a per-CPU array entry, valid for the
+        // whole run; nothing else runs on this CPU meanwhile.
+        unsafe {
+            if (*cache).jiffies != jiffies {
+                (*cache).ns = bpf_ktime_get_coarse_ns();
+                (*cache).jiffies = jiffies;
+            }
+            Self { ns: (*cache).ns }
+        }
+    }
+
+    /// Whole seconds, the unit of `Flow::last_seen`.
+    #[inline(always)]
+    pub const fn secs(self) -> u32 {
+        (self.ns / NS_PER_SEC) as u32
+    }
+
+    /// Whether this time falls in second `secs` (so `secs` is current).
+    #[inline(always)]
+    const fn is_in_second(self, secs: u32) -> bool {
+        let start = secs as u64 * NS_PER_SEC;
+        self.ns >= start && self.ns - start < NS_PER_SEC
+    }
+
+    /// Whether more than `timeout` whole seconds passed since second
+    /// `secs`: `self.secs() - secs > timeout`, i.e. `self.secs() >=
+    /// secs + timeout + 1`, without dividing.
+    #[inline(always)]
+    const fn is_past(self, secs: u32, timeout: u32) -> bool {
+        self.ns >= (secs as u64 + timeout as u64 + 1) * NS_PER_SEC
+    }
 }
 
 /// The key of the flow a client-to-frontend packet belongs to.
@@ -81,7 +141,7 @@ const fn is_closing(flags: u8) -> bool {
 /// Whether the flow has been idle longer than its timeout: UDP's; TCP's,
 /// or the closing timeout once both sides sent FIN or either sent RST.
 #[inline(always)]
-pub fn is_expired(flow: &Flow, is_tcp: bool, now: u32, config: &Config) -> bool {
+pub fn is_expired(flow: &Flow, is_tcp: bool, now: Now, config: &Config) -> bool {
     let timeout = if !is_tcp {
         config.udp_timeout
     } else if is_closing(flow.flags) {
@@ -89,7 +149,7 @@ pub fn is_expired(flow: &Flow, is_tcp: bool, now: u32, config: &Config) -> bool 
     } else {
         config.tcp_timeout
     };
-    now.wrapping_sub(flow.last_seen) > timeout
+    now.is_past(flow.last_seen, timeout)
 }
 
 /// Flow flags a packet of the flow sets, by direction.
@@ -111,12 +171,12 @@ const fn flags_from(pkt: &Packet, from_client: bool) -> u8 {
 
 /// Writes `last_seen` and `flags` into the entry if they differ.
 #[inline(always)]
-fn store_if_changed(flow: *mut Flow, current: &Flow, now: u32, flags: u8) {
+fn store_if_changed(flow: *mut Flow, current: &Flow, now: Now, flags: u8) {
     // SAFETY: `flow` comes from a lookup in this program run, with no map
     // update in between; the map memory stays valid for the whole run.
     unsafe {
-        if current.last_seen != now {
-            (*flow).last_seen = now;
+        if !now.is_in_second(current.last_seen) {
+            (*flow).last_seen = now.secs();
         }
         if current.flags != flags {
             (*flow).flags = flags;
@@ -131,7 +191,7 @@ fn store_if_changed(flow: *mut Flow, current: &Flow, now: u32, flags: u8) {
 /// a new connection: the flow's TCP state starts over, so the new
 /// connection gets the established timeout, on the same backend.
 #[inline(always)]
-pub fn touch_forward(flow: *mut Flow, current: &Flow, pkt: &Packet, now: u32) {
+pub fn touch_forward(flow: *mut Flow, current: &Flow, pkt: &Packet, now: Now) {
     let mut flags = current.flags;
     if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flags & FLOW_F_CLOSING != 0 {
         flags &= !(FLOW_F_CLOSING | FLOW_F_REPLY_SEEN);
@@ -149,7 +209,7 @@ pub fn touch_forward(flow: *mut Flow, current: &Flow, pkt: &Packet, now: u32) {
 
 /// Records a backend packet of the flow: time, reply seen, TCP flags.
 #[inline(always)]
-pub fn touch_reply(flow: *mut Flow, current: &Flow, pkt: &Packet, now: u32) {
+pub fn touch_reply(flow: *mut Flow, current: &Flow, pkt: &Packet, now: Now) {
     let flags = current.flags | FLOW_F_REPLY_SEEN | flags_from(pkt, false);
     store_if_changed(flow, current, now, flags);
 }
@@ -161,18 +221,18 @@ pub fn create(
     pkt: &Packet,
     backend_id: u32,
     backend: &Backend,
-    now: u32,
+    now: Now,
 ) -> Result<(), Error> {
-    let flow = Flow {
-        backend_addr: backend.addr,
-        backend_port: backend.port,
-        frontend_port: pkt.dst_port,
-        frontend_addr: pkt.dst_addr,
-        backend_id,
-        last_seen: now,
-        flags: flags_from(pkt, true),
-        _pad: [0; 3],
-    };
+    // Built on a zeroed value: a struct literal with the `_pad` array makes
+    // the compiler call memset for three bytes.
+    let mut flow: Flow = Zeroable::zeroed();
+    flow.backend_addr = backend.addr;
+    flow.backend_port = backend.port;
+    flow.frontend_port = pkt.dst_port;
+    flow.frontend_addr = pkt.dst_addr;
+    flow.backend_id = backend_id;
+    flow.last_seen = now.secs();
+    flow.flags = flags_from(pkt, true);
     LB_CONNTRACK
         .insert(key, &flow, u64::from(BPF_ANY))
         .map_err(|_| Error::ConntrackFull)

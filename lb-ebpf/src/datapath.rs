@@ -11,7 +11,7 @@ use lb_common::{conntrack::Flow, counters::Counter, service::ServiceValue};
 use crate::{
     backend,
     config::Config,
-    conntrack,
+    conntrack::{self, Now},
     context::{Action, PacketContext},
     counters::count,
     error::Error,
@@ -54,7 +54,7 @@ fn forward<C: PacketContext>(
     service: &ServiceValue,
 ) -> Result<Action, Error> {
     let config = Config::load();
-    let now = conntrack::now();
+    let now = Now::read();
     let key = conntrack::forward_key(pkt, service.id);
 
     if let Some(entry) = conntrack::lookup(&key) {
@@ -98,7 +98,7 @@ fn new_flow<C: PacketContext>(
     pkt: &Packet,
     service: &ServiceValue,
     key: &lb_common::conntrack::FlowKey,
-    now: u32,
+    now: Now,
     config: &Config,
 ) -> Result<Action, Error> {
     if service::rejects_new_connections(service) {
@@ -158,7 +158,7 @@ fn reply<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<bool, Error> {
         if flow.backend_addr != pkt.src_addr || flow.backend_port != pkt.src_port {
             continue;
         }
-        conntrack::touch_reply(entry, &flow, pkt, conntrack::now());
+        conntrack::touch_reply(entry, &flow, pkt, Now::read());
         nat::snat(ctx, pkt, flow.frontend_addr, flow.frontend_port)?;
         count(Counter::Reply);
         return Ok(true);

@@ -55,3 +55,18 @@ pub static LB_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArr
 /// Runtime configuration (one entry): log switch and flow timeouts.
 #[btf_map]
 pub static LB_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Per-CPU cache of the coarse clock, keyed by the jiffies it was read at
+/// (see `conntrack::Now::read`). Internal scratch: not part of the agent
+/// contract, never pinned or written from userspace.
+#[btf_map]
+pub static LB_CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
+
+/// Value of [`LB_CLOCK`].
+#[repr(C)]
+pub struct ClockCache {
+    /// `bpf_jiffies64` when `ns` was read.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` at that time.
+    pub ns: u64,
+}

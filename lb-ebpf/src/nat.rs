@@ -4,16 +4,19 @@
 //! Order matters for the verifier and for cost: the address, port and IPv4
 //! checksum are written directly through bounds-checked pointers first
 //! (the IPv4 checksum is always complete, so it is updated in software);
-//! then the L4 checksum goes through the context's helper, which
-//! invalidates packet pointers and is the only one that knows how to treat
-//! CHECKSUM_PARTIAL packets. A port that does not change is not written
-//! and costs no helper call.
+//! then the address change goes into the L4 checksum through the context's
+//! helper, which invalidates packet pointers and is the only code that
+//! knows whether the skb is CHECKSUM_PARTIAL. How the helper changed the
+//! field tells that state (`csum::classify_after_addr_update`), so a port
+//! change is then folded in inline, without a second helper call; only
+//! when the state cannot be told does the port go through the helper too.
+//! A port that does not change costs nothing.
 
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     context::{L4Field, PacketContext, ptr_at},
-    csum,
+    csum::{self, L4CsumKind},
     error::Error,
     parse::{IP_OFF, Packet},
 };
@@ -55,11 +58,14 @@ fn rewrite<C: PacketContext>(
         Side::Source => (pkt.src_addr, pkt.src_port),
         Side::Destination => (pkt.dst_addr, pkt.dst_port),
     };
+    let udp = !pkt.is_tcp();
+    let csum_off = pkt.l4_csum_off();
     let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Error::RewriteFailed)?;
     let ports: *mut Ports = ptr_at(ctx, pkt.l4_off).ok_or(Error::RewriteFailed)?;
-    // SAFETY: both pointers were bounds-checked just above and no helper
+    let l4_csum: *mut [u8; 2] = ptr_at(ctx, csum_off).ok_or(Error::RewriteFailed)?;
+    // SAFETY: the pointers were bounds-checked just above and no helper
     // has run since.
-    unsafe {
+    let l4_csum_before = unsafe {
         let ip = &mut *ip;
         match side {
             Side::Source => ip.src_addr = new_addr.to_ne_bytes(),
@@ -73,21 +79,34 @@ fn rewrite<C: PacketContext>(
                 Side::Destination => (*ports).dst = new_port.to_ne_bytes(),
             }
         }
-    }
+        u16::from_ne_bytes(*l4_csum)
+    };
 
-    let udp = !pkt.is_tcp();
-    let csum_off = pkt.l4_csum_off();
     ctx.replace_l4_csum(csum_off, old_addr, new_addr, L4Field::Addr, udp)
         .map_err(|_| Error::RewriteFailed)?;
-    if old_port != new_port {
-        ctx.replace_l4_csum(
-            csum_off,
-            u32::from(old_port),
-            u32::from(new_port),
-            L4Field::Port,
-            udp,
-        )
-        .map_err(|_| Error::RewriteFailed)?;
+    if old_port == new_port {
+        return Ok(());
     }
-    Ok(())
+    // The helper invalidated packet pointers: derive the field again.
+    let l4_csum: *mut [u8; 2] = ptr_at(ctx, csum_off).ok_or(Error::RewriteFailed)?;
+    // SAFETY: bounds-checked just above, no helper call since.
+    let l4_csum_after = unsafe { u16::from_ne_bytes(*l4_csum) };
+    match csum::classify_after_addr_update(l4_csum_before, l4_csum_after, old_addr, new_addr, udp) {
+        L4CsumKind::Absent | L4CsumKind::PseudoHeader => Ok(()),
+        L4CsumKind::Full => {
+            let check = csum::replace_u16(l4_csum_after, old_port, new_port, udp);
+            // SAFETY: as above.
+            unsafe { *l4_csum = check.to_ne_bytes() };
+            Ok(())
+        }
+        L4CsumKind::Unknown => ctx
+            .replace_l4_csum(
+                csum_off,
+                u32::from(old_port),
+                u32::from(new_port),
+                L4Field::Port,
+                udp,
+            )
+            .map_err(|_| Error::RewriteFailed),
+    }
 }

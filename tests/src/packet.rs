@@ -44,6 +44,15 @@ pub enum PacketError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("attaching {name} at tcx ingress of {iface} failed")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("entering the network namespace to attach failed")]
+    Namespace(#[source] crate::error::TestbedError),
     #[error("BPF_PROG_TEST_RUN of {name} failed")]
     TestRun {
         name: &'static str,

@@ -45,6 +45,12 @@ const FRONTEND_MULTI: &str = "198.19.0.11:80";
 /// ClusterIP whose ports 80/TCP and 53/UDP have no ready backend.
 const FRONTEND_EMPTY_TCP: &str = "198.19.0.12:80";
 const FRONTEND_EMPTY_UDP: &str = "198.19.0.12:53";
+/// A frontend and backend whose addresses have the same one's-complement
+/// sum (0xc613 + 0x0014 = 0xc612 + 0x0015): the address change leaves the
+/// L4 checksum as it is, so the datapath cannot tell the skb's checksum
+/// state from it and rewrites the port through the helper.
+const FRONTEND_SAME_SUM: &str = "198.19.0.20:80";
+const BACKEND_SAME_SUM: &str = "198.18.0.21:8080";
 
 const BACKEND_TCP: &str = "198.18.1.1:8080";
 const BACKEND_TCP_2: &str = "198.18.1.9:8080";
@@ -57,11 +63,13 @@ const SVC_UDP: u32 = 2;
 const SVC_MULTI: u32 = 3;
 const SVC_EMPTY_TCP: u32 = 4;
 const SVC_EMPTY_UDP: u32 = 5;
+const SVC_SAME_SUM: u32 = 6;
 
 const ID_BACKEND_TCP: u32 = 1;
 const ID_BACKEND_UDP: u32 = 2;
 const ID_BACKEND_UDP_2: u32 = 3;
 const ID_BACKENDS_MULTI: [u32; 3] = [11, 12, 13];
+const ID_BACKEND_SAME_SUM: u32 = 20;
 
 fn service(id: u32, frontend: &str, proto: u8, backends: &[(u32, &str, bool)]) -> ServiceSpec {
     ServiceSpec {
@@ -106,6 +114,12 @@ fn cluster() -> Vec<ServiceSpec> {
         ),
         service(SVC_EMPTY_TCP, FRONTEND_EMPTY_TCP, proto::TCP, &[]),
         service(SVC_EMPTY_UDP, FRONTEND_EMPTY_UDP, proto::UDP, &[]),
+        service(
+            SVC_SAME_SUM,
+            FRONTEND_SAME_SUM,
+            proto::TCP,
+            &[(ID_BACKEND_SAME_SUM, BACKEND_SAME_SUM, true)],
+        ),
     ]
 }
 
@@ -385,6 +399,28 @@ fn scenarios() -> Vec<Scenario> {
                 TC_ACT_OK,
                 Expect::Unchanged,
                 &[(Counter::Pass, 1)],
+            ),
+        ],
+    });
+
+    let same_sum_syn = tcp(CLIENT, FRONTEND_SAME_SUM, TCP_SYN).with_payload(b"hi");
+    let same_sum_reply = tcp(BACKEND_SAME_SUM, CLIENT, TCP_SYN | TCP_ACK);
+    scenarios.push(Scenario {
+        name: "address change that leaves the L4 sum unchanged: port via the helper",
+        steps: vec![
+            packet(
+                "SYN",
+                same_sum_syn.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(dnat(&same_sum_syn, BACKEND_SAME_SUM)),
+                &[(Counter::NewFlow, 1)],
+            ),
+            packet(
+                "SYN-ACK",
+                same_sum_reply.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(snat(&same_sum_reply, FRONTEND_SAME_SUM)),
+                &[(Counter::Reply, 1)],
             ),
         ],
     });

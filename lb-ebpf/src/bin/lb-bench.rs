@@ -67,10 +67,12 @@ fn lb_bench_run(ctx: TcContext) -> i32 {
     if input.step_source != 0 {
         step_source(input);
     }
-    let len = input.len;
-    if len == 0 || len as usize > MAX_PACKET_LEN {
+    if input.len == 0 || input.len as usize > MAX_PACKET_LEN {
         return TAIL_CALL_FAILED;
     }
+    // The same range again as arithmetic the verifier tracks (1..=256):
+    // the compiler may turn the comparisons above into a check on a copy.
+    let len = (input.len.wrapping_sub(1) & (MAX_PACKET_LEN as u32 - 1)) + 1;
     // SAFETY: `data` holds `MAX_PACKET_LEN` >= `len` bytes; the helper
     // bounds-checks the packet side (the skb has the same length).
     let ret =
@@ -104,8 +106,10 @@ fn step_source(input: &mut BenchInput) {
     let new = old.wrapping_add(1);
     data[IP_SRC_OFF..IP_SRC_OFF + 4].copy_from_slice(&new.to_be_bytes());
     patch_checksum(data, IP_CSUM_OFF, old, new);
-    let l4_csum_off = input.l4_csum_off as usize;
-    if l4_csum_off != 0 && l4_csum_off + 2 <= MAX_PACKET_LEN {
+    // Checksums sit at even offsets; the mask (not a comparison the
+    // compiler may rewrite) is what bounds the offset for the verifier.
+    let l4_csum_off = input.l4_csum_off as usize & (MAX_PACKET_LEN - 2);
+    if l4_csum_off != 0 {
         patch_checksum(data, l4_csum_off, old, new);
     }
 }

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, TestRun, TestRunOptions},
 };
 use lb_common::{
     backend::{
@@ -154,6 +154,40 @@ impl Datapath {
                 name: names::PROG_TC_POD,
                 source,
             })
+    }
+
+    /// Attaches `lb_tc_pod` at tcx ingress of `iface` in namespace `ns`
+    /// (the interface name is resolved there). The link lives as long as
+    /// this `Datapath` (or the interface).
+    pub fn attach_ingress(&mut self, ns: &crate::netns::NetNs, iface: &str) -> Result<()> {
+        let name = std::ffi::CString::new(iface).expect("interface names have no NUL");
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::PROG_TC_POD)
+            .ok_or(PacketError::MissingProgram {
+                name: names::PROG_TC_POD,
+            })?
+            .try_into()
+            .map_err(|source| PacketError::ProgramType {
+                name: names::PROG_TC_POD,
+                source,
+            })?;
+        ns.run(|| {
+            program.attach(
+                name.as_c_str(),
+                TcAttach::Tcx {
+                    attach_type: TcAttachType::Ingress,
+                    order: LinkOrder::first(),
+                },
+            )
+        })
+        .map_err(PacketError::Namespace)?
+        .map_err(|source| PacketError::Attach {
+            name: names::PROG_TC_POD,
+            iface: iface.to_owned(),
+            source,
+        })?;
+        Ok(())
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {

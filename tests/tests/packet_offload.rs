@@ -1,0 +1,165 @@
+//! The checksum state `BPF_PROG_TEST_RUN` cannot produce: CHECKSUM_PARTIAL.
+//!
+//! A packet that a pod's socket sends over its veth reaches the node's tcx
+//! ingress as CHECKSUM_PARTIAL: its L4 checksum field holds only the
+//! pseudo-header sum, and whoever transmits it last (a NIC, or
+//! `skb_checksum_help`) sums the segment on top. The datapath must update
+//! that field for address changes only, never for port changes. On one
+//! host a wrong field goes unnoticed (the receiving pod trusts a PARTIAL
+//! skb), so here the node's interfaces towards the pods have TX checksum
+//! offload switched off: the kernel then finishes every PARTIAL packet in
+//! software from the field the datapath left, and the receiving pod
+//! verifies the result. A wrong field makes these exchanges fail.
+//!
+//! Privileged: needs root, network namespaces (created here, joined only to
+//! each other by veth pairs) and a 6.6+ kernel (tcx).
+
+use std::{
+    io,
+    net::SocketAddrV4,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use lb_common::{counters::Counter, proto};
+use lb_tests::{
+    netns::NetNs,
+    packet::datapath::{BackendSpec, Datapath, ServiceSpec},
+    topology::{Testbed, cluster_ip},
+    traffic::{TcpServer, UdpServer},
+};
+
+/// `SIOCETHTOOL` and the legacy TX checksum commands of `linux/ethtool.h`.
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member of its union.
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _rest: [u8; 16],
+}
+
+/// One ethtool TX-checksum command on `iface`, from a socket in the
+/// calling thread's namespace; returns the value the kernel reports.
+fn ethtool_tx_checksum(iface: &str, command: u32, value: u32) -> io::Result<u32> {
+    // SAFETY: plain syscall; the descriptor is owned right away.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    let mut request = EthtoolValue {
+        cmd: command,
+        data: value,
+    };
+    let mut ifreq = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (&raw mut request).cast(),
+        _rest: [0; 16],
+    };
+    assert!(iface.len() < libc::IFNAMSIZ, "interface name too long");
+    ifreq.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: `ifreq` and the `request` it points to outlive the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &raw mut ifreq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(request.data)
+}
+
+/// Switches TX checksum offload of `iface` (in `ns`) off and checks it is.
+fn disable_tx_checksum_offload(ns: &NetNs, iface: &str) {
+    let state = ns
+        .run(|| {
+            ethtool_tx_checksum(iface, ETHTOOL_STXCSUM, 0)?;
+            ethtool_tx_checksum(iface, ETHTOOL_GTXCSUM, 0)
+        })
+        .expect("enter the node namespace")
+        .unwrap_or_else(|error| panic!("ethtool tx off on {iface}: {error}"));
+    assert_eq!(state, 0, "TX checksum offload still on for {iface}");
+}
+
+#[test]
+fn partial_checksums_stay_right_through_dnat_and_reverse_snat() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let mut testbed = Testbed::new("csum").expect("testbed");
+    {
+        let node = testbed.add_node("node").expect("node");
+        node.add_pod("client").expect("client pod");
+        node.add_pod("server").expect("server pod");
+    }
+    let node = testbed.node("node");
+    let client = node.pod("client");
+    let server = node.pod("server");
+    for iface in node.pod_ifaces() {
+        disable_tx_checksum_offload(node.ns(), iface);
+    }
+
+    // Service ports differ from the target ports, so both the addresses
+    // and the ports of every packet are rewritten.
+    let tcp_frontend = SocketAddrV4::new(cluster_ip(1), 80);
+    let udp_frontend = SocketAddrV4::new(cluster_ip(1), 53);
+    let mut datapath = Datapath::load().expect("load the datapath");
+    for (id, frontend, port, protocol) in [
+        (1, tcp_frontend, 8080, proto::TCP),
+        (2, udp_frontend, 5353, proto::UDP),
+    ] {
+        datapath
+            .add_service(&ServiceSpec {
+                id,
+                frontend,
+                proto: protocol,
+                backends: vec![BackendSpec {
+                    id,
+                    addr: SocketAddrV4::new(server.addr(), port),
+                    ready: true,
+                }],
+            })
+            .expect("write a service");
+    }
+    for iface in node.pod_ifaces() {
+        datapath
+            .attach_ingress(node.ns(), iface)
+            .expect("attach lb_tc_pod");
+    }
+    let _tcp_server = TcpServer::start(server, 8080).expect("TCP server");
+    let _udp_server = UdpServer::start(server, 5353).expect("UDP server");
+    let before = datapath.counters().expect("counters");
+
+    let request = "a request long enough to span more than one checksum word";
+    let exchange = client
+        .tcp_request(tcp_frontend, request)
+        .expect("TCP exchange through the ClusterIP");
+    assert_eq!(exchange.reply.server, server.name());
+    assert_eq!(exchange.reply.echo, request);
+    assert_eq!(exchange.peer, tcp_frontend);
+    assert_eq!(*exchange.reply.client_seen.ip(), client.addr());
+
+    let answer = client
+        .udp_request(udp_frontend, request)
+        .expect("UDP exchange through the ClusterIP");
+    assert_eq!(answer.reply.server, server.name());
+    assert_eq!(answer.reply.echo, request);
+    assert_eq!(answer.from, udp_frontend);
+
+    let deltas = datapath.counters().expect("counters").since(&before);
+    assert_eq!(deltas.get(Counter::NewFlow.name()), Some(&2), "{deltas:?}");
+    assert!(
+        deltas.get(Counter::Reply.name()).is_some_and(|&n| n >= 2),
+        "{deltas:?}"
+    );
+    assert_eq!(
+        deltas.get(Counter::RewriteFailed.name()),
+        None,
+        "{deltas:?}"
+    );
+}
