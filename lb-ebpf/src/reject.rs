@@ -14,8 +14,8 @@ use network_types::{
 };
 
 use crate::{
-    context::{Action, PacketContext, ptr_at},
-    csum,
+    context::{Action, L4Field, PacketContext, ptr_at},
+    csum::{self, L4CsumKind},
     error::Error,
     parse::{IP_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -93,6 +93,27 @@ fn ip_header_checksum(ip: &Ipv4Hdr) -> Result<[u8; 2], Error> {
     Ok((!csum::fold(sum)).to_ne_bytes())
 }
 
+/// Whether the skb carrying `pkt` (a TCP segment whose checksum field
+/// holds `check`) is CHECKSUM_PARTIAL. BPF cannot read `ip_summed`; the
+/// L4 checksum helper reveals it by how it folds an address change into
+/// the field (see `csum::classify_after_addr_update`), so this feeds it a
+/// made-up one. The field is rewritten from scratch afterwards.
+#[inline(always)]
+fn is_checksum_partial<C: PacketContext>(ctx: &C, pkt: &Packet, check: u16) -> Result<bool, Error> {
+    const PROBE_FROM: u32 = 0;
+    const PROBE_TO: u32 = 1;
+    let csum_off = pkt.l4_csum_off();
+    ctx.replace_l4_csum(csum_off, PROBE_FROM, PROBE_TO, L4Field::Addr, false)
+        .map_err(|_| Error::RejectFailed)?;
+    let field: *const [u8; 2] = ptr_at(ctx, csum_off).ok_or(Error::RejectFailed)?;
+    // SAFETY: bounds-checked just above, no helper call since.
+    let after = u16::from_ne_bytes(unsafe { *field });
+    Ok(
+        csum::classify_after_addr_update(check, after, PROBE_FROM, PROBE_TO, false)
+            == L4CsumKind::PseudoHeader,
+    )
+}
+
 #[repr(C, align(4))]
 struct ResetHeaders {
     ip: Ipv4Hdr,
@@ -105,15 +126,17 @@ fn tcp_reset<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<(), Error> {
     let tcp: *const TcpHdr = ptr_at(ctx, pkt.l4_off).ok_or(Error::RejectFailed)?;
     // SAFETY: `ptr_at` checked the fixed TCP header; the data-offset byte is
     // inside it.
-    let (their_seq, their_ack, doff) = unsafe {
+    let (their_seq, their_ack, doff, their_check) = unsafe {
         let tcp = &*tcp;
         let doff = u32::from(*(tcp as *const TcpHdr).cast::<u8>().add(12) >> 4) * 4;
         (
             u32::from_be_bytes(tcp.seq),
             u32::from_be_bytes(tcp.ack_seq),
             doff,
+            u16::from_ne_bytes(tcp.check),
         )
     };
+    let partial = is_checksum_partial(ctx, pkt, their_check)?;
 
     let (seq, ack, flags) = if pkt.has_tcp_flag(TCP_ACK) {
         (their_ack, 0, TCP_RST)
@@ -156,7 +179,16 @@ fn tcp_reset<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<(), Error> {
         )
     }
     .map_err(|_| Error::RejectFailed)?;
-    headers.tcp.check = (!csum::fold(sum + pseudo)).to_ne_bytes();
+    // A CHECKSUM_PARTIAL skb stays one: its checksum field must hold the
+    // pseudo-header sum, which whoever transmits it last completes over
+    // the segment (csum_start and csum_offset still point at this field
+    // when the client's IP header had no options).
+    let check = if partial {
+        csum::fold(pseudo)
+    } else {
+        !csum::fold(sum + pseudo)
+    };
+    headers.tcp.check = check.to_ne_bytes();
 
     ctx.set_len((EthHdr::LEN + size_of::<ResetHeaders>()) as u32)
         .map_err(|_| Error::RejectFailed)?;

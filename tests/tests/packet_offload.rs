@@ -163,3 +163,57 @@ fn partial_checksums_stay_right_through_dnat_and_reverse_snat() {
         "{deltas:?}"
     );
 }
+
+/// The TCP RST and the ICMP port unreachable the datapath builds in place
+/// of a client's CHECKSUM_PARTIAL packet must come out right when the
+/// kernel finishes the checksum on the way back to the client.
+#[test]
+fn rejects_built_from_partial_packets_stay_right() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let mut testbed = Testbed::new("rcsum").expect("testbed");
+    testbed
+        .add_node("node")
+        .expect("node")
+        .add_pod("client")
+        .expect("client pod");
+    let node = testbed.node("node");
+    let client = node.pod("client");
+    disable_tx_checksum_offload(node.ns(), client.host_iface());
+
+    let tcp_frontend = SocketAddrV4::new(cluster_ip(1), 80);
+    let udp_frontend = SocketAddrV4::new(cluster_ip(1), 53);
+    let mut datapath = Datapath::load().expect("load the datapath");
+    for (id, frontend, protocol) in [(1, tcp_frontend, proto::TCP), (2, udp_frontend, proto::UDP)] {
+        datapath
+            .add_service(&ServiceSpec {
+                id,
+                frontend,
+                proto: protocol,
+                backends: Vec::new(),
+            })
+            .expect("write a service without backends");
+    }
+    datapath
+        .attach_ingress(node.ns(), client.host_iface())
+        .expect("attach lb_tc_pod");
+
+    // A reset the client drops (bad checksum) would make it retry until
+    // the client timeout instead.
+    let refused = client
+        .tcp_request(tcp_frontend, "anyone?")
+        .expect_err("no backend");
+    assert_eq!(
+        refused.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    let refused = client
+        .udp_connected_request(udp_frontend, "anyone?")
+        .expect_err("no backend");
+    assert_eq!(
+        refused.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+}
