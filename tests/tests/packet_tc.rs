@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
     backend::{BACKEND_F_ACTIVE, BACKEND_F_NOT_READY, Backend},
-    config::DatapathConfig,
+    config::{CONFIG_F_LOG, DatapathConfig},
     conntrack::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, Flow, FlowKey},
     counters::Counter,
     proto,
@@ -1088,4 +1088,30 @@ fn closed_tcp_flow_uses_the_closing_timeout() {
     );
     let flow = datapath.flow(&key).expect("lookup").expect("flow exists");
     assert_eq!(flow.flags, 0, "the new flow starts without TCP state");
+}
+
+/// Log lines cost ~100 ns each: the datapath writes them only while
+/// `CONFIG_F_LOG` is set, and then for events (a new flow), not for every
+/// packet of an established flow.
+#[test]
+fn log_lines_only_with_the_runtime_switch() {
+    let mut datapath = load_cluster();
+    let run = |datapath: &mut Datapath, frame: &Frame| {
+        assert_eq!(datapath.run(&frame.to_bytes()).expect("test run").verdict, TC_ACT_OK);
+        datapath.drain_log_records().expect("read the log ring buffer")
+    };
+
+    let quiet = tcp(CLIENT, FRONTEND_TCP, TCP_SYN);
+    assert_eq!(run(&mut datapath, &quiet), 0, "logged with the switch off");
+
+    datapath
+        .set_config(&DatapathConfig {
+            flags: CONFIG_F_LOG,
+            ..DatapathConfig::DEFAULT
+        })
+        .expect("switch logging on");
+    let logged = tcp(CLIENT_2, FRONTEND_TCP, TCP_SYN);
+    assert_eq!(run(&mut datapath, &logged), 1, "one line for a new flow");
+    let established = tcp(CLIENT_2, FRONTEND_TCP, TCP_ACK);
+    assert_eq!(run(&mut datapath, &established), 0, "established packets are not logged");
 }

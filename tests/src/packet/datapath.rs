@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, TestRun, TestRunOptions},
 };
 use lb_common::{
@@ -357,6 +357,18 @@ impl Datapath {
             count += 1;
         }
         Ok(count)
+    }
+
+    /// Takes the log records `lb_tc_pod` wrote (aya-log's `AYA_LOGS` ring
+    /// buffer) and returns how many there were.
+    pub fn drain_log_records(&mut self) -> Result<usize> {
+        const NAME: &str = "AYA_LOGS";
+        let mut ring = RingBuf::try_from(self.map_mut(NAME)?).map_err(map_error(NAME, "open"))?;
+        let mut records = 0;
+        while ring.next().is_some() {
+            records += 1;
+        }
+        Ok(records)
     }
 
     pub fn counters(&self) -> Result<Counters> {
