@@ -34,6 +34,32 @@
 //! Flow expiry: a flow idle for longer than its timeout (`LB_CONFIG`:
 //! UDP, TCP, or TCP closing once FIN was seen both ways or RST either way)
 //! is treated as absent by the forward path and replaced.
+//!
+//! # Checksums
+//!
+//! Packets from a pod's socket reach the veth as CHECKSUM_PARTIAL (the L4
+//! field holds only the pseudo-header sum). Address changes therefore go
+//! through `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`, the one code that
+//! knows the skb's state; how it changed the field tells that state, so a
+//! port change is folded in inline instead of by a second helper call
+//! (`nat`, `csum::classify_after_addr_update`). The IPv4 header checksum is
+//! always complete and is updated in software. Generated RST and ICMP
+//! packets are checksummed from scratch; a RST built from a PARTIAL
+//! segment carries the pseudo-header sum, as the stack would.
+//!
+//! # Limitations
+//!
+//! - Non-first IPv4 fragments are not translated (no L4 header, no
+//!   reassembly state): a fragmented datagram to a frontend does not reach
+//!   its backend whole.
+//! - IPv4 only, untagged Ethernet. GSO packets above 64 KiB (BIG TCP, total
+//!   length 0) count as malformed and pass untranslated.
+//! - A RST or ICMP error built from a CHECKSUM_PARTIAL packet that carried
+//!   IP options is only right if nothing finishes its checksum in software
+//!   on the way back (the skb's checksum offset keeps pointing after the
+//!   original, longer IP header). Pods practically never send IP options.
+//! - Pod veths never deliver CHECKSUM_COMPLETE skbs; the in-place RST/ICMP
+//!   rewrite does not maintain `skb->csum` for them.
 #![no_std]
 #![no_main]
 

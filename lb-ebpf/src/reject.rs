@@ -5,8 +5,17 @@
 //!
 //! The answer comes from the frontend the client addressed, so the client's
 //! socket matches it. Headers are rebuilt from scratch (IHL 5, TTL 64, IP id
-//! 0, MACs swapped) and checksummed from scratch with `bpf_csum_diff`; no
-//! byte of the original L4 header survives except in the ICMP quote.
+//! 0, DF on the RST as Linux sends resets, DF clear on the ICMP error, MACs
+//! swapped) and checksummed from scratch with `bpf_csum_diff`; no byte of
+//! the original L4 header survives except in the ICMP quote.
+//!
+//! The skb keeps the checksum state of the client's packet. For a
+//! CHECKSUM_PARTIAL TCP segment the RST carries the pseudo-header sum
+//! instead of the full checksum (see `tcp_reset`). The ICMP error needs no
+//! such care: a PARTIAL UDP datagram's checksum offset (6) lands on the
+//! last two bytes of the ICMP header's zero "unused" word, and finishing a
+//! checksum over a message that already sums to zero writes 0 (or 0xffff)
+//! there, which keeps the ICMP checksum valid.
 
 use lb_common::proto;
 use network_types::{
