@@ -1097,8 +1097,13 @@ fn closed_tcp_flow_uses_the_closing_timeout() {
 fn log_lines_only_with_the_runtime_switch() {
     let mut datapath = load_cluster();
     let run = |datapath: &mut Datapath, frame: &Frame| {
-        assert_eq!(datapath.run(&frame.to_bytes()).expect("test run").verdict, TC_ACT_OK);
-        datapath.drain_log_records().expect("read the log ring buffer")
+        assert_eq!(
+            datapath.run(&frame.to_bytes()).expect("test run").verdict,
+            TC_ACT_OK
+        );
+        datapath
+            .drain_log_records()
+            .expect("read the log ring buffer")
     };
 
     let quiet = tcp(CLIENT, FRONTEND_TCP, TCP_SYN);
@@ -1113,5 +1118,42 @@ fn log_lines_only_with_the_runtime_switch() {
     let logged = tcp(CLIENT_2, FRONTEND_TCP, TCP_SYN);
     assert_eq!(run(&mut datapath, &logged), 1, "one line for a new flow");
     let established = tcp(CLIENT_2, FRONTEND_TCP, TCP_ACK);
-    assert_eq!(run(&mut datapath, &established), 0, "established packets are not logged");
+    assert_eq!(
+        run(&mut datapath, &established),
+        0,
+        "established packets are not logged"
+    );
+}
+
+/// A client that reuses its port for a new connection while the old one
+/// is still closing stays on the same backend, and the flow's TCP state
+/// starts over (the new connection gets the established timeout).
+#[test]
+fn syn_on_a_closing_flow_starts_its_tcp_state_over() {
+    let mut datapath = load_cluster();
+    let key = flow_key(CLIENT, proto::TCP, SVC_TCP);
+    for step in tcp_flow_steps() {
+        let Step::Packet { input, .. } = step else {
+            unreachable!()
+        };
+        datapath.run(&input).expect("test run");
+    }
+    let closing = datapath.flow(&key).expect("lookup").expect("flow exists");
+    assert_eq!(
+        closing.flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND),
+        FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND
+    );
+
+    let before = datapath.counters().expect("counters");
+    let syn = tcp(CLIENT, FRONTEND_TCP, TCP_SYN).with_tcp(TCP_SYN, 0x5000_0000, 0);
+    let output = datapath.run(&syn.to_bytes()).expect("test run");
+    assert_eq!(output.verdict, TC_ACT_OK);
+    assert_eq!(output.frame, dnat(&syn, BACKEND_TCP).to_bytes());
+    assert_eq!(
+        datapath.counters().expect("counters").since(&before),
+        [(Counter::Established.name(), 1)].into_iter().collect()
+    );
+    let reopened = datapath.flow(&key).expect("lookup").expect("flow exists");
+    assert_eq!(reopened.flags, 0, "flags {:#x}", reopened.flags);
+    assert_eq!(reopened.backend_id, closing.backend_id);
 }
