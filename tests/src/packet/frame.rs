@@ -250,7 +250,10 @@ impl Frame {
     /// The first fragment of this datagram, carrying `keep` L4 bytes (a
     /// multiple of 8): MF set, offset 0.
     pub fn first_fragment(mut self, keep: usize) -> Self {
-        assert!(keep.is_multiple_of(8), "fragment payloads are multiples of 8 bytes");
+        assert!(
+            keep.is_multiple_of(8),
+            "fragment payloads are multiples of 8 bytes"
+        );
         self.ip.more_fragments = true;
         self.ip.dont_fragment = false;
         self.l4_keep = Some(keep);
