@@ -5,10 +5,12 @@
 //! independent, so a sum computed this way and stored back natively lands
 //! on the wire correctly.
 //!
-//! Rewrites of L4 checksums go through the context's helper (see
+//! Address changes reach L4 checksums through the context's helper (see
 //! [`crate::context::PacketContext::replace_l4_csum`]) because only the
-//! kernel knows whether the skb is CHECKSUM_PARTIAL. The IPv4 header
-//! checksum is always complete, so it is updated here, without a helper call.
+//! kernel knows whether the skb is CHECKSUM_PARTIAL; how it changed the
+//! field tells that state ([`classify_after_addr_update`]), and a port
+//! change is then folded in here. The IPv4 header checksum is always
+//! complete, so it is updated here, without a helper call.
 
 use aya_ebpf::helpers::generated::bpf_csum_diff;
 
