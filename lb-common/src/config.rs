@@ -23,10 +23,11 @@ pub struct DatapathConfig {
 }
 
 impl DatapathConfig {
-    /// kube-proxy's conntrack defaults: 24 h established TCP (nf_conntrack's
-    /// `tcp_timeout_established` as kube-proxy sets it), 10 s after close,
-    /// 30 s UDP (nf_conntrack's `udp_timeout_stream` is 120 s; kube-proxy
-    /// leaves UDP at the kernel's 30 s for unreplied-or-short streams).
+    /// Defaults as a kube-proxy node has them: 24 h for an established TCP
+    /// flow (kube-proxy's `conntrack.tcpEstablishedTimeout`), 10 s once it
+    /// closed (nf_conntrack's `tcp_timeout_time_wait` is 120 s; a flow the
+    /// datapath saw close both ways needs no TIME_WAIT of its own), 30 s
+    /// for UDP (nf_conntrack's `udp_timeout`).
     pub const DEFAULT: Self = Self {
         flags: 0,
         tcp_timeout: 86_400,
