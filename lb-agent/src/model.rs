@@ -103,12 +103,42 @@ impl Readiness {
     }
 }
 
+/// How new connections of a service port choose their backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// A uniformly random ready backend, chosen by each node on its own.
+    Random,
+    /// The service's Maglev table: the same backend for the same flow on
+    /// every node, and few flows move when the backends change.
+    Maglev,
+}
+
+impl Selection {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Selection::Random => "random",
+            Selection::Maglev => "maglev",
+        }
+    }
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One Service port: its frontends and its backends (pod address and
 /// target port; the protocol is the Service port's).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     pub frontends: BTreeSet<Frontend>,
     pub backends: BTreeMap<SocketAddrV4, Readiness>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (1..=86400).
+    pub affinity_timeout: Option<u32>,
+    /// Backend selection the Service asks for; `None`: the agent's default.
+    pub selection: Option<Selection>,
 }
 
 impl ServicePort {
@@ -149,6 +179,9 @@ impl DesiredState {
     pub fn insert(&mut self, name: ServicePortName, port: ServicePort) -> Vec<FrontendConflict> {
         let mut conflicts = Vec::new();
         let entry = self.services.entry(name.clone()).or_default();
+        // Both come from the Service object, the same for every merge.
+        entry.affinity_timeout = port.affinity_timeout;
+        entry.selection = port.selection;
         for frontend in port.frontends {
             match self.owners.get(&frontend) {
                 Some(owner) if *owner != name => conflicts.push(FrontendConflict {
@@ -222,7 +255,7 @@ mod tests {
         let mut state = DesiredState::new();
         let port = ServicePort {
             frontends: [frontend(80)].into(),
-            backends: BTreeMap::new(),
+            ..ServicePort::default()
         };
         assert!(state.insert(name("a", "http"), port.clone()).is_empty());
         let conflicts = state.insert(name("b", "http"), port);
@@ -247,6 +280,7 @@ mod tests {
             ServicePort {
                 frontends: BTreeSet::new(),
                 backends: [(addr, Readiness::NotReady)].into(),
+                ..ServicePort::default()
             },
         );
         state.insert(
@@ -254,6 +288,7 @@ mod tests {
             ServicePort {
                 frontends: BTreeSet::new(),
                 backends: [(addr, Readiness::Ready)].into(),
+                ..ServicePort::default()
             },
         );
         assert_eq!(

@@ -39,7 +39,11 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{DesiredState, Frontend, Protocol, Readiness, ServicePort, ServicePortName};
+use crate::model::{
+    DesiredState, Frontend, Protocol, Readiness, Selection, ServicePort, ServicePortName,
+};
+use k8s_openapi::api::core::v1::ServiceSpec;
+use lb_common::affinity::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
 
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -47,6 +51,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the EndpointSlice controller puts on slices of headless Services.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Service annotation choosing how new connections pick a backend:
+/// `random` or `maglev`; without it, the agent's `--selection` applies.
+pub const ANNOTATION_SELECTION: &str = "lb.dev/selection";
 /// Namespace of an object that names none (as `kubectl apply` assumes).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -209,6 +216,23 @@ pub fn validate_service(service: &Service) -> Result<(), InvalidField> {
         return Err(InvalidField::new(
             "spec.clusterIPs[0]",
             format!("{first:?} differs from spec.clusterIP {cluster_ip:?}"),
+        ));
+    }
+    match spec.session_affinity.as_deref() {
+        None | Some("None" | "ClientIP") => {}
+        Some(other) => {
+            return Err(InvalidField::new(
+                "spec.sessionAffinity",
+                format!("{other:?} is not None or ClientIP"),
+            ));
+        }
+    }
+    if let Some(timeout) = affinity_timeout_field(spec)
+        && !(1..=i64::from(MAX_TIMEOUT_SECS)).contains(&i64::from(timeout))
+    {
+        return Err(InvalidField::new(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            format!("{timeout} is not in 1..={MAX_TIMEOUT_SECS}"),
         ));
     }
     let ports = spec.ports.as_deref().unwrap_or_default();
@@ -491,6 +515,14 @@ fn translate_service(
         return;
     }
 
+    let affinity_timeout = affinity_timeout(spec);
+    let selection = match selection(&service.metadata) {
+        Ok(selection) => selection,
+        Err(message) => {
+            notice(NoticeLevel::Warn, object.clone(), message);
+            None
+        }
+    };
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(Some(proto)) = parse_protocol(port.protocol.as_deref()) else {
             notice(
@@ -524,10 +556,51 @@ fn translate_service(
             ServicePort {
                 frontends,
                 backends,
+                affinity_timeout,
+                selection,
             },
         ) {
             notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
         }
+    }
+}
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` as written, if it is.
+fn affinity_timeout_field(spec: &ServiceSpec) -> Option<i32> {
+    spec.session_affinity_config
+        .as_ref()?
+        .client_ip
+        .as_ref()?
+        .timeout_seconds
+}
+
+/// The ClientIP affinity timeout of a (validated) Service, if it has
+/// `sessionAffinity: ClientIP`; the API server's default when unset.
+fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = affinity_timeout_field(spec)
+        .and_then(|secs| u32::try_from(secs).ok())
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+    Some(timeout.clamp(1, MAX_TIMEOUT_SECS))
+}
+
+/// The selection the Service's [`ANNOTATION_SELECTION`] asks for.
+fn selection(meta: &ObjectMeta) -> Result<Option<Selection>, String> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(ANNOTATION_SELECTION))
+    else {
+        return Ok(None);
+    };
+    match value.as_str() {
+        "random" => Ok(Some(Selection::Random)),
+        "maglev" => Ok(Some(Selection::Maglev)),
+        other => Err(format!(
+            "annotation {ANNOTATION_SELECTION}: {other:?} is not random or maglev; the agent's default applies"
+        )),
     }
 }
 

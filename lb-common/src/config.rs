@@ -20,6 +20,10 @@ pub struct DatapathConfig {
     pub tcp_closing_timeout: u32,
     /// Idle timeout of a UDP flow, seconds.
     pub udp_timeout: u32,
+    /// Entries per Maglev table in [`crate::names::MAP_MAGLEV`] (a prime);
+    /// 0 means [`defaults::MAGLEV_TABLE_SIZE`]. The agent computes the
+    /// tables with the same size it writes here.
+    pub maglev_table_size: u32,
 }
 
 impl DatapathConfig {
@@ -33,6 +37,7 @@ impl DatapathConfig {
         tcp_timeout: 86_400,
         tcp_closing_timeout: 10,
         udp_timeout: 30,
+        maglev_table_size: defaults::MAGLEV_TABLE_SIZE,
     };
 }
 
@@ -55,4 +60,11 @@ pub mod defaults {
     pub const MAX_BACKENDS: u32 = 262_144;
     /// Tracked flows.
     pub const MAX_FLOWS: u32 = 524_288;
+    /// Session affinities (service, client address), LRU.
+    pub const MAX_AFFINITIES: u32 = 65_536;
+    /// Services that can use Maglev at once (tables in `LB_MAGLEV`).
+    pub const MAX_MAGLEV_TABLES: u32 = 64;
+    /// Entries of one Maglev table: a prime, more than 100 times the
+    /// backends of any one service (Cilium's and the Maglev paper's choice).
+    pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
 }

@@ -11,6 +11,7 @@
 //! without swapping. Helpers named `*_host` convert for display.
 #![no_std]
 
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;

@@ -18,11 +18,18 @@ pub const MAP_REVNAT: &str = "LB_REVNAT";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 /// Per-CPU datapath counters indexed by [`crate::counters::Counter`].
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+/// ClientIP session affinity: (service id, client address) -> backend, LRU.
+pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+/// Ready backends of each service: (service id, backend id) -> present.
+pub const MAP_MEMBERS: &str = "LB_MEMBERS";
+/// Maglev lookup tables, one per Maglev service, concatenated: an array of
+/// backend ids, `M` entries per table.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Single-entry runtime configuration ([`crate::config::DatapathConfig`]).
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 
 /// Every map, in the order `inspect` and the docs list them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -30,6 +37,9 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_CONNTRACK,
     MAP_COUNTERS,
     MAP_CONFIG,
+    MAP_AFFINITY,
+    MAP_MEMBERS,
+    MAP_MAGLEV,
 ];
 
 /// Default directory under bpffs where one agent instance pins its maps.

@@ -41,6 +41,11 @@ impl ServiceKey {
 /// local endpoint). Not set by the ClusterIP path today.
 pub const SERVICE_F_REJECT: u16 = 1 << 0;
 
+/// New connections choose their backend from the service's Maglev table
+/// ([`crate::names::MAP_MAGLEV`], table [`ServiceValue::maglev_table`])
+/// instead of a random slot.
+pub const SERVICE_F_MAGLEV: u16 = 1 << 1;
+
 /// Value of [`crate::names::MAP_SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -54,8 +59,11 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u16,
-    pub _pad: u16,
-    /// Reserved for session affinity (seconds; 0 = none).
+    /// With [`SERVICE_F_MAGLEV`]: the index of the service's table in
+    /// [`crate::names::MAP_MAGLEV`] (entries `maglev_table * M ..
+    /// (maglev_table + 1) * M`, M = the configured table size).
+    pub maglev_table: u16,
+    /// ClientIP session affinity timeout, seconds; 0 = no affinity.
     pub affinity_timeout: u32,
 }
 

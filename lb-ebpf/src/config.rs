@@ -15,6 +15,8 @@ pub struct Config {
     pub tcp_timeout: u32,
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
+    /// Entries per Maglev table.
+    pub maglev_table_size: u32,
 }
 
 impl Config {
@@ -30,6 +32,10 @@ impl Config {
                 DatapathConfig::DEFAULT.tcp_closing_timeout,
             ),
             udp_timeout: or_default(stored.udp_timeout, DatapathConfig::DEFAULT.udp_timeout),
+            maglev_table_size: or_default(
+                stored.maglev_table_size,
+                DatapathConfig::DEFAULT.maglev_table_size,
+            ),
         }
     }
 }

@@ -85,7 +85,7 @@ impl Now {
 
     /// Whether this time falls in second `secs` (so `secs` is current).
     #[inline(always)]
-    const fn is_in_second(self, secs: u32) -> bool {
+    pub const fn is_in_second(self, secs: u32) -> bool {
         let start = secs as u64 * NS_PER_SEC;
         self.ns >= start && self.ns - start < NS_PER_SEC
     }
@@ -94,7 +94,7 @@ impl Now {
     /// `secs`: `self.secs() - secs > timeout`, i.e. `self.secs() >=
     /// secs + timeout + 1`, without dividing.
     #[inline(always)]
-    const fn is_past(self, secs: u32, timeout: u32) -> bool {
+    pub const fn is_past(self, secs: u32, timeout: u32) -> bool {
         self.ns >= (secs as u64 + timeout as u64 + 1) * NS_PER_SEC
     }
 }

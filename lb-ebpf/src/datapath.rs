@@ -9,7 +9,7 @@
 use lb_common::{conntrack::Flow, counters::Counter, service::ServiceValue};
 
 use crate::{
-    backend,
+    affinity, backend,
     config::Config,
     conntrack::{self, Now},
     context::{Action, PacketContext},
@@ -113,7 +113,11 @@ fn new_flow<C: PacketContext>(
         );
         return reject::refuse(ctx, pkt);
     }
-    let (backend_id, backend) = backend::select(service)?;
+    let (backend_id, backend) = if service.affinity_timeout != 0 {
+        affinity::select(service, pkt, now, config)?
+    } else {
+        backend::select(service, pkt, config)?
+    };
     conntrack::create(key, pkt, backend_id, &backend, now)?;
     nat::dnat(ctx, pkt, backend.addr, backend.port)?;
     count(Counter::NewFlow);

@@ -23,7 +23,7 @@
 //! | to a frontend, flow tracked but its backend left every EndpointSlice, TCP | `TC_ACT_REDIRECT`: RST to the client (a RST is dropped, `TC_ACT_SHOT`); flow deleted | `BackendGone` |
 //! | same, UDP | flow deleted, then handled as a new flow | `BackendGone` + the new flow's counter |
 //! | to a frontend, no flow (or expired), service has no ready backend or `SERVICE_F_REJECT` | `TC_ACT_REDIRECT` back to the client: TCP RST (a RST is dropped, `TC_ACT_SHOT`), UDP ICMP port unreachable | `NoBackend` |
-//! | to a frontend, no flow (or expired; TCP with or without SYN) | `TC_ACT_OK`, DNAT to a random ready backend, flow created | `NewFlow` |
+//! | to a frontend, no flow (or expired; TCP with or without SYN) | `TC_ACT_OK`, DNAT to the client's affinity backend if the service has ClientIP affinity and it is valid, else to a ready backend chosen by the service's Maglev table or at random; flow created | `NewFlow` |
 //! | to a frontend, the chosen slot or its backend is missing (agent update race) | `TC_ACT_SHOT` | `SlotMiss` |
 //! | to a frontend, the flow cannot be inserted | `TC_ACT_SHOT` | `ConntrackFull` |
 //! | from a backend to the client of a tracked flow of one of its services | `TC_ACT_OK`, source rewritten to the frontend | `Reply` |
@@ -63,6 +63,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod backend;
 mod config;
 mod conntrack;

@@ -11,10 +11,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
+    affinity::{Affinity, AffinityKey, Member, MemberKey},
     backend::{Backend, BackendAddr, RevNat},
     config::{
         DatapathConfig,
-        defaults::{MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS},
+        defaults::{
+            MAGLEV_TABLE_SIZE, MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_MAGLEV_TABLES,
+            MAX_SERVICES, MAX_SLOTS,
+        },
     },
     conntrack::{Flow, FlowKey},
     counters::COUNTER_COUNT,
@@ -51,6 +55,25 @@ pub static LB_CONNTRACK: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = Lru
 /// Per-CPU packet counters indexed by `lb_common::counters::Counter`.
 #[btf_map]
 pub static LB_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// ClientIP session affinity: (service id, client address) -> backend and
+/// the time of the last new connection that followed it. LRU, so a full
+/// table forgets the idlest clients instead of refusing new ones.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }> =
+    LruHashMap::new();
+
+/// Ready backends of each service: (service id, backend id) -> present.
+/// One entry per slot, so it has the capacity of `LB_SLOTS`. Read only
+/// when an affinity is followed.
+#[btf_map]
+pub static LB_MEMBERS: HashMap<MemberKey, Member, { MAX_SLOTS as usize }> = HashMap::new();
+
+/// Maglev lookup tables, `M` backend ids per table, one table per
+/// service using Maglev (`ServiceValue::maglev_table`).
+#[btf_map]
+pub static LB_MAGLEV: Array<u32, { (MAX_MAGLEV_TABLES * MAGLEV_TABLE_SIZE) as usize }> =
+    Array::new();
 
 /// Runtime configuration (one entry): log switch and flow timeouts.
 #[btf_map]

@@ -15,8 +15,8 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttach
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::config::{DatapathConfig, defaults};
 use lb_common::names::{
-    ALL_MAPS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
-    PROG_TC_POD,
+    ALL_MAPS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT,
+    MAP_SERVICES, MAP_SLOTS, PROG_TC_POD,
 };
 use tracing::{debug, info, warn};
 
@@ -24,6 +24,14 @@ use super::maps::{AyaMaps, OpenMapError};
 
 /// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The Maglev table size a configuration asks for (0: the default).
+pub fn maglev_table_size(config: &DatapathConfig) -> u32 {
+    match config.maglev_table_size {
+        0 => defaults::MAGLEV_TABLE_SIZE,
+        size => size,
+    }
+}
 
 /// Capacities of the maps, fixed at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +158,7 @@ pub struct Datapath {
     _pin_dir_lock: File,
     reused_pins: Vec<&'static str>,
     links: Vec<(String, SchedClassifierLinkId)>,
+    maglev_table_size: u32,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -255,6 +264,7 @@ impl Datapath {
                     _pin_dir_lock: pin_dir_lock,
                     reused_pins,
                     links: Vec::new(),
+                    maglev_table_size: maglev_table_size(&options.config),
                 })
             }
             Err(error) => {
@@ -285,7 +295,13 @@ impl Datapath {
             .map_max_entries(MAP_SLOTS, capacities.slots)
             .map_max_entries(MAP_BACKENDS, capacities.backends)
             .map_max_entries(MAP_REVNAT, capacities.backends)
-            .map_max_entries(MAP_CONNTRACK, capacities.flows);
+            .map_max_entries(MAP_CONNTRACK, capacities.flows)
+            // One member per slot.
+            .map_max_entries(MAP_MEMBERS, capacities.slots)
+            .map_max_entries(
+                MAP_MAGLEV,
+                defaults::MAX_MAGLEV_TABLES * maglev_table_size(&options.config),
+            );
         for (name, path) in &pins {
             // Creates and pins the map, or opens the existing pin after
             // checking its type, sizes and flags against the object.
@@ -310,6 +326,11 @@ impl Datapath {
             })
     }
 
+    /// Entries per Maglev table the datapath uses.
+    pub fn maglev_table_size(&self) -> u32 {
+        self.maglev_table_size
+    }
+
     fn write_config(ebpf: &mut Ebpf, config: DatapathConfig) -> Result<(), LoadError> {
         let map = ebpf.map_mut(MAP_CONFIG).ok_or(LoadError::MissingConfig)?;
         let mut array: Array<_, DatapathConfig> =
@@ -332,7 +353,8 @@ impl Datapath {
     /// Takes the maps the writer programs out of the object (the program
     /// keeps its own references to them).
     pub fn take_maps(&mut self) -> Result<AyaMaps, LoadError> {
-        Ok(AyaMaps::from_maps(|name| self.ebpf.take_map(name))?)
+        Ok(AyaMaps::from_maps(|name| self.ebpf.take_map(name))?
+            .with_maglev_table_size(self.maglev_table_size))
     }
 
     /// Starts forwarding the datapath's aya-log records to the `log` crate

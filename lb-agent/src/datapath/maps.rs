@@ -1,12 +1,17 @@
 //! The real [`MapOps`]: the datapath's maps through aya.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use lb_common::affinity::{Member, MemberKey};
 use lb_common::backend::{Backend, BackendAddr, RevNat};
+use lb_common::config::defaults::MAGLEV_TABLE_SIZE;
 use lb_common::conntrack::{Flow, FlowKey};
-use lb_common::names::{MAP_BACKENDS, MAP_CONNTRACK, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS};
-use lb_common::service::{ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::names::{
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+};
+use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
 
 use super::writer::{MapContents, MapOps, MapReadError, MapWrite, MapWriteError};
 
@@ -51,6 +56,10 @@ pub struct AyaMaps {
     backends: Array<MapData, Backend>,
     revnat: HashMap<MapData, BackendAddr, RevNat>,
     conntrack: HashMap<MapData, FlowKey, Flow>,
+    members: HashMap<MapData, MemberKey, Member>,
+    maglev: Array<MapData, u32>,
+    /// Entries per Maglev table, to read tables back.
+    maglev_table_size: u32,
 }
 
 impl AyaMaps {
@@ -66,7 +75,17 @@ impl AyaMaps {
             backends: typed(open(MAP_BACKENDS)?, MAP_BACKENDS)?,
             revnat: typed(open(MAP_REVNAT)?, MAP_REVNAT)?,
             conntrack: typed(open(MAP_CONNTRACK)?, MAP_CONNTRACK)?,
+            members: typed(open(MAP_MEMBERS)?, MAP_MEMBERS)?,
+            maglev: typed(open(MAP_MAGLEV)?, MAP_MAGLEV)?,
+            maglev_table_size: MAGLEV_TABLE_SIZE,
         })
+    }
+
+    /// Sets the Maglev table size the datapath was configured with (the
+    /// default otherwise), so [`MapOps::read_all`] reads whole tables.
+    pub fn with_maglev_table_size(mut self, size: u32) -> Self {
+        self.maglev_table_size = size;
+        self
     }
 
     /// Opens the maps pinned under `pin_dir` by a running agent.
@@ -112,6 +131,17 @@ impl MapOps for AyaMaps {
             MapWrite::Backend { id, value } => self.backends.set(*id, value, 0),
             MapWrite::RevNat { key, value } => self.revnat.insert(key, value, 0),
             MapWrite::DeleteRevNat { key } => self.revnat.remove(key),
+            MapWrite::Member { key } => self.members.insert(key, &Member::default(), 0),
+            MapWrite::DeleteMember { key } => self.members.remove(key),
+            MapWrite::Maglev {
+                table,
+                entry,
+                backend_id,
+            } => self.maglev.set(
+                u32::from(*table) * self.maglev_table_size + entry,
+                backend_id,
+                0,
+            ),
         }
         .map_err(|source| write_error(write, source))
     }
@@ -140,6 +170,24 @@ impl MapOps for AyaMaps {
                 contents.backends.insert(id, backend);
             }
         }
+        for key in self.members.keys() {
+            let key = key.map_err(|e| read_error(MAP_MEMBERS, e))?;
+            contents.members.insert(key);
+        }
+        let tables: BTreeSet<u16> = contents
+            .services
+            .values()
+            .filter(|value| value.flags & SERVICE_F_MAGLEV != 0)
+            .map(|value| value.maglev_table)
+            .collect();
+        for table in tables {
+            let start = u32::from(table) * self.maglev_table_size;
+            let entries = (start..start + self.maglev_table_size)
+                .map(|index| self.maglev.get(&index, 0))
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(|e| read_error(MAP_MAGLEV, e))?;
+            contents.maglev.insert(table, entries);
+        }
         Ok(contents)
     }
 
@@ -158,5 +206,9 @@ impl MapOps for AyaMaps {
 
     fn backend_capacity(&self) -> u32 {
         self.backends.len()
+    }
+
+    fn maglev_capacity(&self) -> u32 {
+        self.maglev.len()
     }
 }

@@ -3,5 +3,6 @@
 //! the writer drives ([`maps`]).
 
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod writer;

@@ -25,14 +25,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddrV4;
 
+use lb_common::affinity::MemberKey;
 use lb_common::backend::{
     BACKEND_F_ACTIVE, BACKEND_F_NOT_READY, Backend, BackendAddr, MAX_REVNAT_SERVICES, RevNat,
 };
-use lb_common::names::{MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS};
-use lb_common::service::{ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::names::{
+    MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+};
+use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
 use tracing::{error, warn};
 
-use crate::model::{DesiredState, Protocol, ServicePortName};
+use super::maglev;
+use crate::model::{DesiredState, Protocol, Selection, ServicePortName};
 
 /// One write to one BPF map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +70,19 @@ pub enum MapWrite {
     DeleteRevNat {
         key: BackendAddr,
     },
+    /// Insert an entry of `LB_MEMBERS`: a ready backend of a service.
+    Member {
+        key: MemberKey,
+    },
+    DeleteMember {
+        key: MemberKey,
+    },
+    /// Set entry `entry` of Maglev table `table` in `LB_MAGLEV`.
+    Maglev {
+        table: u16,
+        entry: u32,
+        backend_id: u32,
+    },
 }
 
 impl MapWrite {
@@ -76,6 +93,8 @@ impl MapWrite {
             MapWrite::Slot { .. } | MapWrite::DeleteSlot { .. } => MAP_SLOTS,
             MapWrite::Backend { .. } => MAP_BACKENDS,
             MapWrite::RevNat { .. } | MapWrite::DeleteRevNat { .. } => MAP_REVNAT,
+            MapWrite::Member { .. } | MapWrite::DeleteMember { .. } => MAP_MEMBERS,
+            MapWrite::Maglev { .. } => MAP_MAGLEV,
         }
     }
 
@@ -84,7 +103,8 @@ impl MapWrite {
         match self {
             MapWrite::DeleteService { .. }
             | MapWrite::DeleteSlot { .. }
-            | MapWrite::DeleteRevNat { .. } => "bpf_map_delete_elem",
+            | MapWrite::DeleteRevNat { .. }
+            | MapWrite::DeleteMember { .. } => "bpf_map_delete_elem",
             _ => "bpf_map_update_elem",
         }
     }
@@ -150,6 +170,14 @@ impl fmt::Display for MapWrite {
                 u16::from_be(key.port),
                 display_proto(key.proto)
             )?,
+            MapWrite::Member { key } | MapWrite::DeleteMember { key } => {
+                write!(f, "service {} backend {}", key.service_id, key.backend_id)?
+            }
+            MapWrite::Maglev {
+                table,
+                entry,
+                backend_id,
+            } => write!(f, "table {table} entry {entry} -> backend {backend_id}")?,
         }
         f.write_str(")")
     }
@@ -181,6 +209,10 @@ pub struct MapContents {
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
     pub revnat: BTreeMap<BackendAddr, RevNat>,
+    pub members: BTreeSet<MemberKey>,
+    /// Maglev tables by index; only tables a Maglev service uses are read
+    /// back from the kernel.
+    pub maglev: BTreeMap<u16, Vec<u32>>,
 }
 
 impl MapContents {
@@ -212,6 +244,24 @@ impl MapContents {
             MapWrite::DeleteRevNat { key } => {
                 self.revnat.remove(&key);
             }
+            MapWrite::Member { key } => {
+                self.members.insert(key);
+            }
+            MapWrite::DeleteMember { key } => {
+                self.members.remove(&key);
+            }
+            MapWrite::Maglev {
+                table,
+                entry,
+                backend_id,
+            } => {
+                let entries = self.maglev.entry(table).or_default();
+                let entry = entry as usize;
+                if entries.len() <= entry {
+                    entries.resize(entry + 1, 0);
+                }
+                entries[entry] = backend_id;
+            }
         }
     }
 
@@ -238,6 +288,8 @@ pub trait MapOps {
     fn highest_flow_service_id(&self) -> Result<u32, MapReadError>;
     /// Number of entries of `LB_BACKENDS` (ids `1..capacity` are usable).
     fn backend_capacity(&self) -> u32;
+    /// Number of entries of `LB_MAGLEV` (tables of the configured size).
+    fn maglev_capacity(&self) -> u32;
 }
 
 /// What one [`Writer::apply`] did.
@@ -341,6 +393,14 @@ pub struct Writer<M: MapOps> {
     /// Backends listed by more services than `LB_REVNAT` holds, already warned about.
     revnat_overflow: BTreeSet<BackendAddr>,
     map_errors: u64,
+    /// Selection of services that do not ask for one.
+    default_selection: Selection,
+    /// Entries per Maglev table (the datapath reads the same from `LB_CONFIG`).
+    maglev_table_size: u32,
+    /// Maglev table index of each service id that has one.
+    maglev_tables: BTreeMap<u32, u16>,
+    /// Services that wanted Maglev but found no free table, already warned about.
+    maglev_overflow: BTreeSet<u32>,
 }
 
 impl<M: MapOps> Writer<M> {
@@ -374,6 +434,12 @@ impl<M: MapOps> Writer<M> {
             .filter(|id| !programmed.backends.contains_key(id))
             .collect();
 
+        let maglev_tables = programmed
+            .services
+            .values()
+            .filter(|value| value.flags & SERVICE_F_MAGLEV != 0)
+            .map(|value| (value.id, value.maglev_table))
+            .collect();
         let inherited_ids: BTreeMap<ServiceKey, u32> = programmed
             .services
             .iter()
@@ -406,7 +472,32 @@ impl<M: MapOps> Writer<M> {
             backend_capacity,
             revnat_overflow: BTreeSet::new(),
             map_errors: 0,
+            default_selection: Selection::Random,
+            maglev_table_size: lb_common::config::defaults::MAGLEV_TABLE_SIZE,
+            maglev_tables,
+            maglev_overflow: BTreeSet::new(),
         }
+    }
+
+    /// Sets the selection of services that do not ask for one, and the
+    /// size of Maglev tables (a prime; the size written to `LB_CONFIG`).
+    /// Applies from the next [`Writer::apply`].
+    pub fn set_selection(&mut self, default: Selection, maglev_table_size: u32) {
+        assert!(
+            maglev::is_prime(maglev_table_size),
+            "Maglev table size {maglev_table_size} is not prime"
+        );
+        self.default_selection = default;
+        if maglev_table_size != self.maglev_table_size {
+            // Tables of the old size are rewritten in full.
+            self.maglev_table_size = maglev_table_size;
+            self.programmed.maglev.clear();
+        }
+    }
+
+    /// The Maglev table index of a service id, if it uses one.
+    pub fn maglev_table(&self, service_id: u32) -> Option<u16> {
+        self.maglev_tables.get(&service_id).copied()
     }
 
     /// What the writer believes the maps hold.
@@ -492,6 +583,25 @@ impl<M: MapOps> Writer<M> {
             let old = self.programmed.slot_run(id);
             let new = slot_layout(&old, &ready);
 
+            // Members before anything names them, so an affinity to a
+            // backend is followed as soon as new connections can reach it.
+            let mut members_written = true;
+            for &backend_id in &new {
+                let key = MemberKey {
+                    service_id: id,
+                    backend_id,
+                };
+                if !self.programmed.members.contains(&key)
+                    && !self.write(MapWrite::Member { key }, &mut report)
+                {
+                    members_written = false;
+                    break;
+                }
+            }
+            if !members_written {
+                continue;
+            }
+
             let beyond_old = old.len()..new.len();
             let rewrites = (0..old.len().min(new.len())).filter(|&slot| old[slot] != new[slot]);
             let mut slots_written = true;
@@ -513,11 +623,32 @@ impl<M: MapOps> Writer<M> {
             if !slots_written {
                 continue;
             }
-            let value = ServiceValue {
+            let selection = port.selection.unwrap_or(self.default_selection);
+            let mut value = ServiceValue {
                 id,
                 backend_count: new.len() as u32,
+                affinity_timeout: port.affinity_timeout.unwrap_or(0),
                 ..ServiceValue::default()
             };
+            if selection == Selection::Maglev && !new.is_empty() {
+                let ready_backends: Vec<(SocketAddrV4, u32)> = port
+                    .ready_backends()
+                    .filter_map(|addr| {
+                        let backend = usable.get(&backend_key(addr, name.proto))?;
+                        backend.revnat.contains(&id).then_some((addr, backend.id))
+                    })
+                    .collect();
+                match self.program_maglev(id, name, &ready_backends, &mut report) {
+                    Some(Some(table)) => {
+                        value.flags |= SERVICE_F_MAGLEV;
+                        value.maglev_table = table;
+                    }
+                    // No free table: random selection (warned).
+                    Some(None) => {}
+                    // A table write failed: keep the service as it is.
+                    None => continue,
+                }
+            }
             for frontend in &port.frontends {
                 let key = frontend.key();
                 if self.programmed.services.get(&key) != Some(&value) {
@@ -556,6 +687,46 @@ impl<M: MapOps> Writer<M> {
         for key in uncovered_slots {
             self.write(MapWrite::DeleteSlot { key }, &mut report);
         }
+        // Members no covered slot names (removed or not-ready backends,
+        // deleted services), once nothing can choose them any more.
+        let covered_members: BTreeSet<MemberKey> = self
+            .programmed
+            .slots
+            .iter()
+            .filter(|(key, _)| key.slot < counts.get(&key.service_id).copied().unwrap_or(0))
+            .map(|(key, slot)| MemberKey {
+                service_id: key.service_id,
+                backend_id: slot.backend_id,
+            })
+            .collect();
+        let stale_members: Vec<MemberKey> = self
+            .programmed
+            .members
+            .difference(&covered_members)
+            .copied()
+            .collect();
+        for key in stale_members {
+            self.write(MapWrite::DeleteMember { key }, &mut report);
+        }
+        // Tables no frontend uses any more are free for other services.
+        let tables_in_use: BTreeSet<u16> = self
+            .programmed
+            .services
+            .values()
+            .filter(|value| value.flags & SERVICE_F_MAGLEV != 0)
+            .map(|value| value.maglev_table)
+            .collect();
+        let wants_maglev: BTreeSet<u32> = desired
+            .services()
+            .filter(|(_, port)| {
+                port.selection.unwrap_or(self.default_selection) == Selection::Maglev
+            })
+            .map(|(name, _)| service_ids[name])
+            .collect();
+        self.maglev_tables.retain(|service_id, table| {
+            wants_maglev.contains(service_id) || tables_in_use.contains(table)
+        });
+        self.maglev_overflow.retain(|id| wants_maglev.contains(id));
 
         // Step 4: stale reverse-NAT links, then unreferenced backends.
         let mut slot_users: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
@@ -786,6 +957,66 @@ impl<M: MapOps> Writer<M> {
         })
     }
 
+    /// Writes the Maglev table of service `id` for its ready backends
+    /// (address, backend id); only entries that differ are written. Returns
+    /// the table index, `Some(None)` when every table is taken, `None`
+    /// when a write failed.
+    fn program_maglev(
+        &mut self,
+        id: u32,
+        name: &ServicePortName,
+        ready_backends: &[(SocketAddrV4, u32)],
+        report: &mut ApplyReport,
+    ) -> Option<Option<u16>> {
+        let size = self.maglev_table_size;
+        let table = match self.maglev_tables.get(&id) {
+            Some(table) => *table,
+            None => {
+                let capacity = (self.maps.maglev_capacity() / size).min(u32::from(u16::MAX) + 1);
+                let taken: BTreeSet<u16> = self.maglev_tables.values().copied().collect();
+                let free = (0..capacity)
+                    .map(|table| table as u16)
+                    .find(|table| !taken.contains(table));
+                let Some(table) = free else {
+                    if self.maglev_overflow.insert(id) {
+                        warn!(
+                            "{name}: every Maglev table is taken ({MAP_MAGLEV} holds {capacity} of {size} entries; raise --max-maglev-services); choosing backends at random"
+                        );
+                    }
+                    return Some(None);
+                };
+                self.maglev_tables.insert(id, table);
+                table
+            }
+        };
+        let addrs: Vec<SocketAddrV4> = ready_backends.iter().map(|(addr, _)| *addr).collect();
+        let entries: Vec<u32> = maglev::table(&addrs, size)
+            .into_iter()
+            .map(|index| ready_backends[index as usize].1)
+            .collect();
+        let current = self
+            .programmed
+            .maglev
+            .get(&table)
+            .cloned()
+            .unwrap_or_default();
+        for (entry, &backend_id) in entries.iter().enumerate() {
+            if current.get(entry) != Some(&backend_id)
+                && !self.write(
+                    MapWrite::Maglev {
+                        table,
+                        entry: entry as u32,
+                        backend_id,
+                    },
+                    report,
+                )
+            {
+                return None;
+            }
+        }
+        Some(Some(table))
+    }
+
     fn allocate_backend_id(&mut self) -> Option<u32> {
         if let Some(id) = self.free_backend_ids.pop_first() {
             return Some(id);
@@ -853,12 +1084,19 @@ mod tests {
         slot_capacity: Option<usize>,
         service_capacity: Option<usize>,
         highest_flow_service_id: u32,
+        /// Entries of `LB_MAGLEV`; tests use tables of [`TEST_MAGLEV_SIZE`].
+        maglev_capacity: u32,
     }
+
+    /// A small prime table size, so invariants can check whole tables
+    /// after every write.
+    const TEST_MAGLEV_SIZE: u32 = 101;
 
     impl FakeMaps {
         fn new() -> Self {
             Self {
                 backend_capacity: 64,
+                maglev_capacity: 2 * TEST_MAGLEV_SIZE,
                 ..Self::default()
             }
         }
@@ -906,14 +1144,44 @@ mod tests {
         fn backend_capacity(&self) -> u32 {
             self.backend_capacity
         }
+
+        fn maglev_capacity(&self) -> u32 {
+            self.maglev_capacity
+        }
     }
 
     /// What the datapath relies on, at every instant: each slot a
     /// frontend's count covers exists and names a live backend whose
-    /// reverse-NAT entry lists the service.
+    /// reverse-NAT entry lists the service and which is a member of it;
+    /// a Maglev service with backends has a whole table of such backends;
+    /// every member is a live, ready backend.
     fn check_invariants(contents: &MapContents, after_write: usize) {
+        for member in &contents.members {
+            let backend = contents.backends.get(&member.backend_id);
+            assert!(
+                backend.is_some_and(|b| b.flags & BACKEND_F_NOT_READY == 0),
+                "after write {after_write}: member {member:?} is not a live ready backend"
+            );
+        }
         for (key, value) in &contents.services {
             assert_ne!(value.id, 0, "after write {after_write}: service id 0");
+            if value.flags & SERVICE_F_MAGLEV != 0 && value.backend_count > 0 {
+                let table = contents.maglev.get(&value.maglev_table);
+                assert_eq!(
+                    table.map(Vec::len),
+                    Some(TEST_MAGLEV_SIZE as usize),
+                    "after write {after_write}: {key:?} uses an incomplete Maglev table"
+                );
+                for backend_id in table.into_iter().flatten() {
+                    assert!(
+                        contents.members.contains(&MemberKey {
+                            service_id: value.id,
+                            backend_id: *backend_id,
+                        }),
+                        "after write {after_write}: table of {key:?} names non-member {backend_id}"
+                    );
+                }
+            }
             for slot in 0..value.backend_count {
                 let slot_key = SlotKey {
                     service_id: value.id,
@@ -942,6 +1210,14 @@ mod tests {
                     revnat_ids(revnat).contains(&value.id),
                     "after write {after_write}: revnat of backend {} lacks service {}",
                     entry.backend_id,
+                    value.id
+                );
+                assert!(
+                    contents.members.contains(&MemberKey {
+                        service_id: value.id,
+                        backend_id: entry.backend_id,
+                    }),
+                    "after write {after_write}: slot {slot} of service {} names a non-member",
                     value.id
                 );
             }
@@ -992,6 +1268,7 @@ mod tests {
                 ServicePort {
                     frontends: [*frontend].into(),
                     backends,
+                    ..ServicePort::default()
                 },
             );
             assert!(conflicts.is_empty());
@@ -1000,7 +1277,9 @@ mod tests {
     }
 
     fn writer() -> Writer<FakeMaps> {
-        Writer::new(FakeMaps::new())
+        let mut writer = Writer::new(FakeMaps::new());
+        writer.set_selection(Selection::Random, TEST_MAGLEV_SIZE);
+        writer
     }
 
     fn backend_id(writer: &Writer<FakeMaps>, last: u8) -> u32 {
@@ -1027,6 +1306,15 @@ mod tests {
         std::mem::take(&mut writer.maps.log)
     }
 
+    /// [`take_log`] without `LB_MEMBERS` writes (checked by the invariants
+    /// and by `members_follow_readiness_per_service`).
+    fn take_log_without_members(writer: &mut Writer<FakeMaps>) -> Vec<MapWrite> {
+        take_log(writer)
+            .into_iter()
+            .filter(|w| !matches!(w, MapWrite::Member { .. } | MapWrite::DeleteMember { .. }))
+            .collect()
+    }
+
     #[test]
     fn first_apply_writes_backends_then_slots_then_services() {
         let mut writer = writer();
@@ -1044,12 +1332,15 @@ mod tests {
                 MapWrite::RevNat { .. } => "revnat",
                 MapWrite::Slot { .. } => "slot",
                 MapWrite::Service { .. } => "service",
-                _ => "delete",
+                MapWrite::Member { .. } => "member",
+                _ => "other",
             })
             .collect();
         assert_eq!(
             kinds,
-            ["backend", "revnat", "backend", "revnat", "slot", "service"]
+            [
+                "backend", "revnat", "backend", "revnat", "member", "slot", "service"
+            ]
         );
         assert_eq!(writer.programmed(), &writer.maps.contents);
         assert_eq!(selectable(&writer, web), [10]);
@@ -1119,7 +1410,7 @@ mod tests {
         )]));
         let id = writer.service_id(&name("web")).unwrap();
         let b12 = backend_id(&writer, 12);
-        let log = take_log(&mut writer);
+        let log = take_log_without_members(&mut writer);
         assert!(matches!(log[0], MapWrite::Backend { id, .. } if id == b12));
         assert!(matches!(log[1], MapWrite::RevNat { .. }));
         assert_eq!(
@@ -1155,7 +1446,7 @@ mod tests {
 
         // 10 leaves: 12 moves from slot 2 into slot 0; slot 1 (11) stays.
         writer.apply(&state(&[("web", web, &[(11, true), (12, true)])]));
-        let log = take_log(&mut writer);
+        let log = take_log_without_members(&mut writer);
         assert_eq!(
             log,
             [
@@ -1231,7 +1522,7 @@ mod tests {
         ]));
         take_log(&mut writer);
         writer.apply(&state(&[("db", db, &[(20, true)])]));
-        let log = take_log(&mut writer);
+        let log = take_log_without_members(&mut writer);
         assert_eq!(log[0], MapWrite::DeleteService { key: web.key() });
         assert!(matches!(log[1], MapWrite::DeleteSlot { .. }));
         assert!(matches!(log[2], MapWrite::DeleteRevNat { .. }));
@@ -1429,10 +1720,12 @@ mod tests {
         let web_id = first.service_id(&name("web")).unwrap();
         let mut maps = std::mem::take(&mut first.maps);
         maps.backend_capacity = 64;
+        maps.maglev_capacity = 2 * TEST_MAGLEV_SIZE;
         maps.log.clear();
         maps.highest_flow_service_id = 40;
 
         let mut second = Writer::adopt(maps).unwrap();
+        second.set_selection(Selection::Random, TEST_MAGLEV_SIZE);
         let report = second.apply(&desired);
         assert_eq!(report.writes, 0, "{:?}", second.maps.log);
         assert_eq!(second.service_id(&name("web")), Some(web_id));
@@ -1481,6 +1774,10 @@ mod tests {
             },
             Slot { backend_id: 5 },
         );
+        maps.contents.members.insert(MemberKey {
+            service_id: 7,
+            backend_id: 5,
+        });
         maps.contents.services.insert(
             stale,
             ServiceValue {
@@ -1496,6 +1793,7 @@ mod tests {
         assert_eq!(contents.slots.len(), 1);
         assert_eq!(contents.backends.len(), 1);
         assert_eq!(contents.revnat.len(), 1);
+        assert_eq!(contents.members.len(), 1);
         // The new service did not take id 7; the freed backend id 5 is free again.
         assert_eq!(writer.service_id(&name("web")), Some(8));
         assert_eq!(writer.backend_ids[&backend_key(pod(10), Protocol::Tcp)], 1);
@@ -1525,6 +1823,7 @@ mod tests {
                 ServicePort {
                     frontends: [*vip].into(),
                     backends: BTreeMap::from([(pod(10), Readiness::Ready)]),
+                    ..ServicePort::default()
                 },
             );
         }
@@ -1543,5 +1842,180 @@ mod tests {
             counts.iter().filter(|c| **c == 1).count(),
             MAX_REVNAT_SERVICES
         );
+    }
+
+    /// [`state`] with one service's affinity and selection set.
+    fn with_options(
+        mut desired: DesiredState,
+        service: &str,
+        frontend: Frontend,
+        affinity_timeout: Option<u32>,
+        selection: Option<Selection>,
+    ) -> DesiredState {
+        let mut port = desired.service(&name(service)).unwrap().clone();
+        port.affinity_timeout = affinity_timeout;
+        port.selection = selection;
+        port.frontends = [frontend].into();
+        desired.insert(name(service), port);
+        desired
+    }
+
+    #[test]
+    fn members_follow_readiness_per_service() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        let db = frontend(2, 5432);
+        // Pod 10 backs both; ready for web, then gone from web only.
+        writer.apply(&state(&[
+            ("web", web, &[(10, true), (11, true)]),
+            ("db", db, &[(10, true)]),
+        ]));
+        let web_id = writer.service_id(&name("web")).unwrap();
+        let db_id = writer.service_id(&name("db")).unwrap();
+        let (id10, id11) = (backend_id(&writer, 10), backend_id(&writer, 11));
+        let member = |service_id, last| MemberKey {
+            service_id,
+            backend_id: if last == 10 { id10 } else { id11 },
+        };
+        let expected: BTreeSet<MemberKey> =
+            [member(web_id, 10), member(web_id, 11), member(db_id, 10)].into();
+        assert_eq!(writer.maps.contents.members, expected);
+
+        writer.apply(&state(&[
+            ("web", web, &[(11, true)]),
+            ("db", db, &[(10, true)]),
+        ]));
+        let expected: BTreeSet<MemberKey> = [member(web_id, 11), member(db_id, 10)].into();
+        assert_eq!(writer.maps.contents.members, expected);
+        // Not ready in db: no member, although still listed.
+        writer.apply(&state(&[
+            ("web", web, &[(11, true)]),
+            ("db", db, &[(10, false)]),
+        ]));
+        let expected: BTreeSet<MemberKey> = [member(web_id, 11)].into();
+        assert_eq!(writer.maps.contents.members, expected);
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn affinity_timeout_reaches_the_service_value() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        let base = state(&[("web", web, &[(10, true)])]);
+        writer.apply(&with_options(base.clone(), "web", web, Some(5), None));
+        assert_eq!(
+            writer.maps.contents.services[&web.key()].affinity_timeout,
+            5
+        );
+        writer.apply(&base);
+        assert_eq!(
+            writer.maps.contents.services[&web.key()].affinity_timeout,
+            0
+        );
+    }
+
+    /// The Maglev table of a frontend, as backend host octets.
+    fn maglev_table(writer: &Writer<FakeMaps>, frontend: Frontend) -> Vec<u8> {
+        let contents = &writer.maps.contents;
+        let value = contents.services[&frontend.key()];
+        assert_ne!(value.flags & SERVICE_F_MAGLEV, 0);
+        contents.maglev[&value.maglev_table]
+            .iter()
+            .map(|id| ipv4(contents.backends[id].addr).octets()[3])
+            .collect()
+    }
+
+    #[test]
+    fn maglev_tables_follow_the_backends_and_move_little() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        let pods: Vec<(u8, bool)> = (10..20).map(|last| (last, true)).collect();
+        let desired = state(&[("web", web, &pods)]);
+        writer.apply(&with_options(
+            desired,
+            "web",
+            web,
+            None,
+            Some(Selection::Maglev),
+        ));
+        let before = maglev_table(&writer, web);
+        assert_eq!(before.len(), TEST_MAGLEV_SIZE as usize);
+
+        // One of ten leaves: only its entries and a few more are rewritten,
+        // before the backend is freed.
+        take_log(&mut writer);
+        let fewer = state(&[("web", web, &pods[1..])]);
+        writer.apply(&with_options(
+            fewer,
+            "web",
+            web,
+            None,
+            Some(Selection::Maglev),
+        ));
+        let after = maglev_table(&writer, web);
+        assert!(!after.contains(&10));
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        let log = take_log(&mut writer);
+        let table_writes = log
+            .iter()
+            .filter(|w| matches!(w, MapWrite::Maglev { .. }))
+            .count();
+        assert_eq!(table_writes, moved);
+        assert!(moved < TEST_MAGLEV_SIZE as usize / 5, "moved {moved}");
+        let freed = log
+            .iter()
+            .position(|w| matches!(w, MapWrite::Backend { value, .. } if !value.is_active()))
+            .expect("backend freed");
+        let last_table_write = log
+            .iter()
+            .rposition(|w| matches!(w, MapWrite::Maglev { .. }))
+            .unwrap();
+        assert!(last_table_write < freed);
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn selection_switches_and_tables_are_reused() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        let db = frontend(2, 5432);
+        let cache = frontend(3, 6379);
+        let base = state(&[
+            ("web", web, &[(10, true)]),
+            ("db", db, &[(20, true)]),
+            ("cache", cache, &[(30, true)]),
+        ]);
+        // The agent default: every service wants Maglev; two tables fit.
+        writer.set_selection(Selection::Maglev, TEST_MAGLEV_SIZE);
+        writer.apply(&base);
+        let flagged = |writer: &Writer<FakeMaps>, f: Frontend| {
+            writer.maps.contents.services[&f.key()].flags & SERVICE_F_MAGLEV != 0
+        };
+        assert!(flagged(&writer, cache));
+        assert!(flagged(&writer, db));
+        // Third in name order: no table left, random selection.
+        assert!(!flagged(&writer, web));
+        assert_eq!(writer.maps.contents.services[&web.key()].backend_count, 1);
+
+        // db opts out by annotation: its table goes to web.
+        writer.apply(&with_options(base, "db", db, None, Some(Selection::Random)));
+        assert!(!flagged(&writer, db));
+        writer.apply(&with_options(
+            state(&[
+                ("web", web, &[(10, true)]),
+                ("db", db, &[(20, true)]),
+                ("cache", cache, &[(30, true)]),
+            ]),
+            "db",
+            db,
+            None,
+            Some(Selection::Random),
+        ));
+        assert!(flagged(&writer, web));
+        assert_eq!(
+            maglev_table(&writer, web),
+            vec![10; TEST_MAGLEV_SIZE as usize]
+        );
+        assert_eq!(writer.programmed(), &writer.maps.contents);
     }
 }

@@ -22,6 +22,9 @@ use lb_common::{
 
 use super::{PacketError, Result};
 
+mod selection;
+pub use selection::monotonic_secs;
+
 /// TC verdicts as `BPF_PROG_TEST_RUN` reports them.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -296,6 +299,7 @@ impl Datapath {
         }
         let ready: Vec<&BackendSpec> = spec.backends.iter().filter(|b| b.ready).collect();
         for (slot, backend) in ready.iter().enumerate() {
+            self.set_member(spec.id, backend.id)?;
             self.set_slot(spec.id, slot as u32, backend.id)?;
         }
         for backend in &spec.backends {
