@@ -1,4 +1,5 @@
-//! ns/packet of `lb_tc_pod` for a new TCP flow, an established one and a
+//! ns/packet of `lb_tc_pod` for a new TCP flow (random selection; with
+//! ClientIP affinity, hit and miss; with Maglev), an established one and a
 //! packet that is no service's, measured with the replay wrapper of
 //! `lb_tests::packet::bench` (see there why plain `repeat` is wrong).
 //!
@@ -12,10 +13,19 @@
 
 use std::net::SocketAddrV4;
 
-use lb_common::{config::defaults::MAX_FLOWS, counters::Counter, proto};
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    affinity::Affinity,
+    config::defaults::{MAGLEV_TABLE_SIZE, MAX_AFFINITIES, MAX_FLOWS},
+    conntrack::FlowKey,
+    counters::Counter,
+    proto,
+    service::{SERVICE_F_MAGLEV, ServiceValue},
+};
 use lb_tests::packet::{
     bench::{Bench, BenchCase, BenchResult},
-    datapath::{BackendSpec, Datapath, ServiceSpec, TC_ACT_OK},
+    datapath::{BackendSpec, Datapath, ServiceSpec, TC_ACT_OK, monotonic_secs},
     frame::{Frame, TCP_ACK, TCP_SYN},
 };
 
@@ -25,7 +35,17 @@ use lb_tests::packet::{
 /// and the flows fit the production-size conntrack table.
 const RUNS: u32 = 5_000;
 const ROUNDS: u32 = 9;
-const _: () = assert!(2 * RUNS * ROUNDS < 1 << 17 && RUNS * ROUNDS < MAX_FLOWS);
+const _: () = assert!(2 * RUNS * ROUNDS < 1 << 17 && 5 * RUNS * ROUNDS < MAX_FLOWS);
+/// Runs per call for the affinity-hit case: every address it uses has an
+/// affinity written beforehand, and they must all fit the affinity table.
+const HIT_RUNS: u32 = 2_000;
+const _: () = assert!(2 * HIT_RUNS * ROUNDS < MAX_AFFINITIES);
+
+/// Frontends of the same four backends: with ClientIP affinity, and with
+/// Maglev selection (each its own service id, so flows never collide).
+const FRONTEND_AFFINITY: &str = "198.19.255.2:80";
+const FRONTEND_MAGLEV: &str = "198.19.255.3:80";
+const FRONTEND_AFFINITY_HIT: &str = "198.19.255.4:80";
 
 fn sa(text: &str) -> SocketAddrV4 {
     text.parse().expect("socket address literal")
@@ -77,6 +97,7 @@ fn ns_per_packet() {
                 .collect(),
         })
         .expect("write the service");
+    add_variants(&mut datapath);
     let mut bench = Bench::load(datapath).expect("load the bench harness");
 
     // Established: the flow exists before the measurement.
@@ -128,5 +149,121 @@ fn ns_per_packet() {
     for case in &cases {
         let result = bench.measure(case, RUNS, ROUNDS).expect("measure");
         report(&result);
+    }
+
+    let syn_to = |frontend: &str| BenchCase {
+        name: String::new(),
+        frame: Frame::tcp(sa("198.18.0.1:40001"), sa(frontend), TCP_SYN).to_bytes(),
+        step_source_l4_csum_off: Some(TCP_CSUM_OFF),
+        expected_verdict: TC_ACT_OK,
+        expected_counter: Counter::NewFlow,
+        expected_output: None,
+    };
+    let miss = BenchCase {
+        name: "new flow, affinity miss".into(),
+        ..syn_to(FRONTEND_AFFINITY)
+    };
+    report(&bench.measure(&miss, RUNS, ROUNDS).expect("measure"));
+    let maglev = BenchCase {
+        name: "new flow, Maglev".into(),
+        ..syn_to(FRONTEND_MAGLEV)
+    };
+    report(&bench.measure(&maglev, RUNS, ROUNDS).expect("measure"));
+
+    // Every client address the hit case steps through has an affinity.
+    let now = monotonic_secs();
+    let first = u32::from(Ipv4Addr::new(198, 18, 0, 1));
+    for i in 0..2 * HIT_RUNS * ROUNDS + 2 {
+        let client = Ipv4Addr::from(first + i);
+        bench
+            .datapath()
+            .set_affinity(
+                AFFINITY_HIT_ID,
+                u32::from_ne_bytes(client.octets()),
+                &Affinity {
+                    backend_id: 2,
+                    last_seen: now,
+                },
+            )
+            .expect("write an affinity");
+    }
+    let hit = BenchCase {
+        name: "new flow, affinity hit".into(),
+        expected_output: None,
+        ..syn_to(FRONTEND_AFFINITY_HIT)
+    };
+    report(&bench.measure(&hit, HIT_RUNS, ROUNDS).expect("measure"));
+    // The runs followed the affinities (all to backend 2).
+    let mut hits = 0;
+    for i in 0..2 * HIT_RUNS * ROUNDS + 2 {
+        let client = Ipv4Addr::from(first + i);
+        let key = FlowKey {
+            client_addr: u32::from_ne_bytes(client.octets()),
+            client_port: 40001u16.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+            service_id: AFFINITY_HIT_ID,
+        };
+        if let Some(flow) = bench.datapath().flow(&key).expect("read a flow") {
+            assert_eq!(flow.backend_id, 2, "flow of {client} ignored its affinity");
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, HIT_RUNS * ROUNDS);
+}
+
+const AFFINITY_ID: u32 = 2;
+const MAGLEV_ID: u32 = 3;
+const AFFINITY_HIT_ID: u32 = 4;
+
+/// The service of [`BACKENDS`] again under three more frontends: with
+/// affinity (a miss every run), with Maglev, and with affinity for hits.
+fn add_variants(datapath: &mut Datapath) {
+    let backends: Vec<BackendSpec> = BACKENDS
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| BackendSpec {
+            id: i as u32 + 1,
+            addr: sa(addr),
+            ready: true,
+        })
+        .collect();
+    for (id, frontend) in [
+        (AFFINITY_ID, FRONTEND_AFFINITY),
+        (MAGLEV_ID, FRONTEND_MAGLEV),
+        (AFFINITY_HIT_ID, FRONTEND_AFFINITY_HIT),
+    ] {
+        datapath
+            .add_service(&ServiceSpec {
+                id,
+                frontend: sa(frontend),
+                proto: proto::TCP,
+                backends: backends.clone(),
+            })
+            .expect("write the service");
+    }
+    let addrs: Vec<SocketAddrV4> = BACKENDS.iter().map(|b| sa(b)).collect();
+    let table: Vec<u32> = lb_agent::datapath::maglev::table(&addrs, MAGLEV_TABLE_SIZE)
+        .into_iter()
+        .map(|i| i + 1)
+        .collect();
+    datapath
+        .set_maglev_table(0, &table)
+        .expect("write the table");
+    let value = |id, flags, affinity_timeout| ServiceValue {
+        id,
+        backend_count: BACKENDS.len() as u32,
+        flags,
+        affinity_timeout,
+        ..ServiceValue::default()
+    };
+    for (frontend, value) in [
+        (FRONTEND_AFFINITY, value(AFFINITY_ID, 0, 10_800)),
+        (FRONTEND_MAGLEV, value(MAGLEV_ID, SERVICE_F_MAGLEV, 0)),
+        (FRONTEND_AFFINITY_HIT, value(AFFINITY_HIT_ID, 0, 10_800)),
+    ] {
+        datapath
+            .set_service(&sa(frontend), proto::TCP, &value)
+            .expect("write the frontend");
     }
 }
