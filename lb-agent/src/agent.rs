@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions};
 use crate::datapath::maps::AyaMaps;
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
+use crate::model::Selection;
 use crate::source::manifests::{DirWatcher, ManifestSource, SourceError};
 use crate::translate::{Notice, NoticeLevel};
 
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub config: DatapathConfig,
     /// Forward the datapath's aya-log records to the agent's log.
     pub datapath_log: bool,
+    /// Backend selection of Services without the `lb.dev/selection` annotation.
+    pub selection: Selection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,11 +205,12 @@ async fn serve(
     };
 
     let maps = datapath.take_maps()?;
-    let writer = if datapath.reused_pins().is_empty() {
+    let mut writer = if datapath.reused_pins().is_empty() {
         Writer::new(maps)
     } else {
         Writer::adopt(maps)?
     };
+    writer.set_selection(options.selection, datapath.maglev_table_size());
     let mut applier = Applier {
         source: ManifestSource::new(&options.manifests),
         writer,

@@ -8,17 +8,24 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use lb_common::affinity::{Affinity, AffinityKey};
 use lb_common::backend::{BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat};
 use lb_common::conntrack::{
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, FLOW_F_RST, Flow, FlowKey,
 };
 use lb_common::counters::Counter;
 use lb_common::names::{
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS,
 };
-use lb_common::service::{ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::stats::{BackendStats, DropReason, ServiceStats};
 
-use crate::datapath::maps::{OpenMapError, open_pinned, typed};
+use crate::datapath::maps::{
+    AyaMaps, OpenMapError, open_pinned, read_backend_stats, read_service_stats, typed,
+};
+use crate::datapath::writer::{MapReadError, Writer};
+use crate::model::ServicePortName;
 
 /// One frontend and the backends of its service id.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -29,9 +36,105 @@ pub struct ServiceEntry {
     pub service_id: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u16,
+    /// "random" or "maglev".
+    pub selection: String,
+    /// ClientIP affinity timeout, seconds (0: none).
+    pub affinity_timeout: u32,
+    /// Traffic counters of the service id (shared by its frontends).
+    pub counters: ServiceCounters,
     /// Every backend listed for this service id (found via `LB_REVNAT`):
     /// the ready ones first, in slot order, then the others by address.
     pub backends: Vec<BackendEntry>,
+}
+
+/// Traffic counters of one service id, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceCounters {
+    /// Client packets translated to a backend, and their bytes.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend packets reverse-translated, and their bytes.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+    /// Drops and refusals by reason (`DropReason::name`), every reason listed.
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl From<&ServiceStats> for ServiceCounters {
+    fn from(stats: &ServiceStats) -> Self {
+        Self {
+            packets: stats.packets,
+            bytes: stats.bytes,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+            new_flows: stats.new_flows,
+            drops: DropReason::ALL
+                .iter()
+                .map(|reason| (reason.name().to_owned(), stats.drops[*reason as usize]))
+                .collect(),
+        }
+    }
+}
+
+/// Traffic counters of one backend (over every service using it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BackendCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<&BackendStats> for BackendCounters {
+    fn from(stats: &BackendStats) -> Self {
+        Self {
+            packets: stats.packets,
+            bytes: stats.bytes,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+            new_flows: stats.new_flows,
+        }
+    }
+}
+
+/// One service port's counters with its identity, for `/metrics`
+/// (labels namespace, name, port name, protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortCounters {
+    pub name: ServicePortName,
+    pub service_id: u32,
+    pub counters: ServiceCounters,
+}
+
+/// The counters of every service port a running agent's writer programmed
+/// (the writer knows which Service each id belongs to).
+pub fn service_port_counters(
+    writer: &Writer<AyaMaps>,
+) -> Result<Vec<ServicePortCounters>, MapReadError> {
+    writer
+        .service_ports()
+        .map(|(name, service_id)| {
+            Ok(ServicePortCounters {
+                name: name.clone(),
+                service_id,
+                counters: ServiceCounters::from(&writer.maps().service_stats(service_id)?),
+            })
+        })
+        .collect()
+}
+
+/// One session affinity.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AffinityEntry {
+    pub service_id: u32,
+    pub client: Ipv4Addr,
+    pub backend_id: u32,
+    /// The backend's address, if its id is still live.
+    pub backend: Option<SocketAddrV4>,
+    /// Seconds since the last new connection that followed it.
+    pub idle_secs: u32,
 }
 
 /// One backend of a service.
@@ -43,6 +146,8 @@ pub struct BackendEntry {
     pub ready: bool,
     /// `BACKEND_F_*` bits of its `LB_BACKENDS` entry.
     pub backend_flags: u8,
+    /// Traffic counters of the backend (id 0: unknown, zero).
+    pub counters: BackendCounters,
 }
 
 /// One tracked flow.
@@ -77,6 +182,8 @@ pub enum InspectError {
     CounterCount { actual: u32, expected: u32 },
     #[error("reading CLOCK_MONOTONIC")]
     Clock(#[source] io::Error),
+    #[error(transparent)]
+    Counters(#[from] MapReadError),
 }
 
 fn read_error(map: &'static str) -> impl FnOnce(MapError) -> InspectError {
@@ -119,6 +226,19 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
         typed(open_pinned(pin_dir, MAP_BACKENDS)?, MAP_BACKENDS)?;
     let revnat: HashMap<MapData, BackendAddr, RevNat> =
         typed(open_pinned(pin_dir, MAP_REVNAT)?, MAP_REVNAT)?;
+    let service_stats: PerCpuArray<MapData, ServiceStats> =
+        typed(open_pinned(pin_dir, MAP_SERVICE_STATS)?, MAP_SERVICE_STATS)?;
+    let backend_stats: PerCpuArray<MapData, BackendStats> =
+        typed(open_pinned(pin_dir, MAP_BACKEND_STATS)?, MAP_BACKEND_STATS)?;
+    let backend_counters = |id: u32| -> Result<BackendCounters, InspectError> {
+        if id == 0 {
+            return Ok(BackendCounters::default());
+        }
+        Ok(BackendCounters::from(&read_backend_stats(
+            &backend_stats,
+            id,
+        )?))
+    };
 
     let services = read_hash(&services, MAP_SERVICES)?;
     let slots = read_hash(&slots, MAP_SLOTS)?;
@@ -179,6 +299,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
                 addr: socket(b.addr, b.port),
                 ready: true,
                 backend_flags: b.flags,
+                counters: backend_counters(entry.backend_id)?,
             });
         }
         let mut others: Vec<BackendEntry> = Vec::new();
@@ -197,6 +318,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
                 addr: socket(addr.addr, addr.port),
                 ready: false,
                 backend_flags: flags,
+                counters: backend_counters(id)?,
             });
         }
         others.sort_by_key(|entry| entry.addr);
@@ -206,6 +328,14 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
             proto: proto_name(key.proto),
             service_id: value.id,
             flags: value.flags,
+            selection: if value.flags & SERVICE_F_MAGLEV != 0 {
+                "maglev"
+            } else {
+                "random"
+            }
+            .to_owned(),
+            affinity_timeout: value.affinity_timeout,
+            counters: ServiceCounters::from(&read_service_stats(&service_stats, value.id)?),
             backends: listed,
         });
     }
@@ -270,6 +400,53 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<FlowEntry>, InspectError> {
     Ok(entries)
 }
 
+/// Every session affinity, ordered by service id and client.
+pub fn affinity(pin_dir: &Path) -> Result<Vec<AffinityEntry>, InspectError> {
+    let affinities: HashMap<MapData, AffinityKey, Affinity> =
+        typed(open_pinned(pin_dir, MAP_AFFINITY)?, MAP_AFFINITY)?;
+    let backends: Array<MapData, Backend> =
+        typed(open_pinned(pin_dir, MAP_BACKENDS)?, MAP_BACKENDS)?;
+    let affinities = read_hash(&affinities, MAP_AFFINITY)?;
+    let now = monotonic_secs()?;
+    affinities
+        .iter()
+        .map(|(key, affinity)| {
+            let backend = match backends.get(&affinity.backend_id, 0) {
+                Ok(backend) if backend.is_active() => Some(socket(backend.addr, backend.port)),
+                Ok(_) | Err(MapError::OutOfBounds { .. }) => None,
+                Err(source) => return Err(read_error(MAP_BACKENDS)(source)),
+            };
+            Ok(AffinityEntry {
+                service_id: key.service_id,
+                client: Ipv4Addr::from(u32::from_be(key.client_addr)),
+                backend_id: affinity.backend_id,
+                backend,
+                idle_secs: u32::try_from(now.saturating_sub(u64::from(affinity.last_seen)))
+                    .unwrap_or(u32::MAX),
+            })
+        })
+        .collect()
+}
+
+/// Affinities as a table.
+pub fn affinity_table(entries: &[AffinityEntry]) -> Table {
+    let mut table = table(&["SERVICE ID", "CLIENT", "BACKEND ID", "BACKEND", "IDLE (s)"]);
+    for entry in entries {
+        table.add_row(vec![
+            Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
+            Cell::new(entry.client),
+            Cell::new(entry.backend_id).set_alignment(CellAlignment::Right),
+            Cell::new(
+                entry
+                    .backend
+                    .map_or_else(|| "(gone)".to_owned(), |addr| addr.to_string()),
+            ),
+            Cell::new(entry.idle_secs).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    table
+}
+
 /// Every datapath counter, summed over CPUs, in [`Counter`] order.
 pub fn counters(pin_dir: &Path) -> Result<Vec<(String, u64)>, InspectError> {
     let counters: PerCpuArray<MapData, u64> =
@@ -300,7 +477,16 @@ fn table(header: &[&str]) -> Table {
 
 /// Services as a table, one row per frontend, one line per backend.
 pub fn services_table(entries: &[ServiceEntry]) -> Table {
-    let mut table = table(&["FRONTEND", "PROTO", "SERVICE ID", "FLAGS", "BACKENDS"]);
+    let mut table = table(&[
+        "FRONTEND",
+        "PROTO",
+        "SERVICE ID",
+        "FLAGS",
+        "SELECTION",
+        "AFFINITY (s)",
+        "COUNTERS",
+        "BACKENDS",
+    ]);
     for entry in entries {
         let backends = if entry.backends.is_empty() {
             "(none)".to_owned()
@@ -310,16 +496,41 @@ pub fn services_table(entries: &[ServiceEntry]) -> Table {
                 .iter()
                 .map(|backend| {
                     let state = if backend.ready { "ready" } else { "not ready" };
-                    format!("{} #{} {state}", backend.addr, backend.id)
+                    let c = &backend.counters;
+                    format!(
+                        "{} #{} {state}: {} flows, {} pkts/{} B in, {} pkts/{} B out",
+                        backend.addr,
+                        backend.id,
+                        c.new_flows,
+                        c.packets,
+                        c.bytes,
+                        c.reply_packets,
+                        c.reply_bytes
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
         };
+        let c = &entry.counters;
+        let mut counters = vec![
+            format!("{} flows", c.new_flows),
+            format!("{} pkts/{} B in", c.packets, c.bytes),
+            format!("{} pkts/{} B out", c.reply_packets, c.reply_bytes),
+        ];
+        counters.extend(
+            c.drops
+                .iter()
+                .filter(|(_, count)| **count != 0)
+                .map(|(reason, count)| format!("{count} {reason}")),
+        );
         table.add_row(vec![
             Cell::new(entry.frontend),
             Cell::new(&entry.proto),
             Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:#x}", entry.flags)),
+            Cell::new(&entry.selection),
+            Cell::new(entry.affinity_timeout).set_alignment(CellAlignment::Right),
+            Cell::new(counters.join("\n")),
             Cell::new(backends),
         ]);
     }
@@ -385,18 +596,27 @@ mod tests {
             proto: "tcp".into(),
             service_id: 3,
             flags: 0,
+            selection: "random".into(),
+            affinity_timeout: 0,
+            counters: ServiceCounters::from(&ServiceStats {
+                new_flows: 5,
+                drops: [0, 2, 0, 0, 0, 0],
+                ..ServiceStats::default()
+            }),
             backends: vec![
                 BackendEntry {
                     id: 1,
                     addr: "198.18.0.10:8080".parse().unwrap(),
                     ready: true,
                     backend_flags: 1,
+                    counters: BackendCounters::default(),
                 },
                 BackendEntry {
                     id: 2,
                     addr: "198.18.0.11:8080".parse().unwrap(),
                     ready: false,
                     backend_flags: 3,
+                    counters: BackendCounters::default(),
                 },
             ],
         };
@@ -404,6 +624,7 @@ mod tests {
         assert!(text.contains("198.18.100.10:80"));
         assert!(text.contains("198.18.0.10:8080 #1 ready"));
         assert!(text.contains("198.18.0.11:8080 #2 not ready"));
+        assert!(text.contains("5 flows") && text.contains("2 backend_gone"));
         let text = counters_table(&[("pass".into(), 7)]).to_string();
         assert!(text.contains("pass") && text.contains('7'));
     }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_agent::agent::{self, RunOptions};
 use lb_agent::datapath::loader::Capacities;
 use lb_agent::inspect;
+use lb_agent::model::Selection;
 use lb_common::config::{CONFIG_F_LOG, DatapathConfig, defaults};
 use lb_common::names::DEFAULT_PIN_DIR;
 use tracing_subscriber::EnvFilter;
@@ -97,10 +98,36 @@ struct RunArgs {
     #[arg(long, value_name = "S", default_value_t = DatapathConfig::DEFAULT.udp_timeout)]
     udp_timeout: u32,
 
+    /// How new connections choose a backend when the Service has no
+    /// `lb.dev/selection` annotation: random, or Maglev consistent hashing
+    /// (the same backend for the same flow on every node).
+    #[arg(long, value_enum, default_value_t = SelectionArg::Random)]
+    selection: SelectionArg,
+
+    /// Entries of a Maglev table: a prime, well above 100 times the
+    /// backends of any Service using Maglev. LB_MAGLEV holds
+    /// 64 tables of this size (4 bytes an entry).
+    #[arg(long, value_name = "M", default_value_t = defaults::MAGLEV_TABLE_SIZE, value_parser = parse_maglev_table_size)]
+    maglev_table_size: u32,
+
     /// Log from the datapath (aya-log, target lb_ebpf). Off by default: one
     /// line costs about 100 ns per packet.
     #[arg(long)]
     datapath_log: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SelectionArg {
+    Random,
+    Maglev,
+}
+
+fn parse_maglev_table_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|error| format!("{error}"))?;
+    if size < 3 || !lb_agent::datapath::maglev::is_prime(size) {
+        return Err(format!("{size} is not a prime above 2"));
+    }
+    Ok(size)
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +153,8 @@ enum InspectWhat {
     Conntrack,
     /// Datapath counters, summed over CPUs.
     Counters,
+    /// ClientIP session affinities: service id, client, backend, idle time.
+    Affinity,
 }
 
 fn init_logging(format: LogFormat, datapath_log: bool) -> anyhow::Result<()> {
@@ -157,6 +186,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tcp_timeout: args.tcp_timeout,
         tcp_closing_timeout: args.tcp_closing_timeout,
         udp_timeout: args.udp_timeout,
+        maglev_table_size: args.maglev_table_size,
         ..DatapathConfig::DEFAULT
     };
     if args.datapath_log {
@@ -175,6 +205,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         config,
         datapath_log: args.datapath_log,
+        selection: match args.selection {
+            SelectionArg::Random => Selection::Random,
+            SelectionArg::Maglev => Selection::Maglev,
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -219,6 +253,14 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&object)?
             } else {
                 inspect::counters_table(&entries).to_string()
+            }
+        }
+        InspectWhat::Affinity => {
+            let entries = inspect::affinity(&args.pin_dir).with_context(context)?;
+            if args.json {
+                serde_json::to_string_pretty(&entries)?
+            } else {
+                inspect::affinity_table(&entries).to_string()
             }
         }
     };

@@ -18,6 +18,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod names;
 pub mod service;
+pub mod stats;
 
 /// IANA protocol numbers the load balancer handles.
 pub mod proto {

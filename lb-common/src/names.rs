@@ -25,11 +25,17 @@ pub const MAP_MEMBERS: &str = "LB_MEMBERS";
 /// Maglev lookup tables, one per Maglev service, concatenated: an array of
 /// backend ids, `M` entries per table.
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// Per-CPU counters per service: `service id % MAX_SERVICE_STATS` ->
+/// [`crate::stats::ServiceStats`].
+pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
+/// Per-CPU counters per backend: `backend id % MAX_BACKEND_STATS` ->
+/// [`crate::stats::BackendStats`].
+pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 /// Single-entry runtime configuration ([`crate::config::DatapathConfig`]).
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 
 /// Every map, in the order `inspect` and the docs list them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -40,6 +46,8 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_AFFINITY,
     MAP_MEMBERS,
     MAP_MAGLEV,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
 ];
 
 /// Default directory under bpffs where one agent instance pins its maps.

@@ -6,7 +6,7 @@
 //! the entry point, which counts them (`Error::counter`) and applies their
 //! action.
 
-use lb_common::{conntrack::Flow, counters::Counter, service::ServiceValue};
+use lb_common::{conntrack::Flow, counters::Counter, service::ServiceValue, stats::DropReason};
 
 use crate::{
     affinity, backend,
@@ -19,7 +19,7 @@ use crate::{
     maps::LB_REVNAT,
     nat,
     parse::{self, Packet, Parsed},
-    reject, service,
+    reject, service, stats,
 };
 
 /// Handles one packet arriving from a pod.
@@ -37,7 +37,13 @@ pub fn process<C: PacketContext>(ctx: &C) -> Result<Action, Error> {
         }
     };
     if let Some(service) = service::lookup(&pkt) {
-        return forward(ctx, &pkt, &service);
+        let result = forward(ctx, &pkt, &service);
+        if let Err(error) = result
+            && let Some(reason) = error.drop_reason()
+        {
+            stats::drop(service.id, reason);
+        }
+        return result;
     }
     if reply(ctx, &pkt)? {
         return Ok(Action::Pass);
@@ -66,6 +72,7 @@ fn forward<C: PacketContext>(
                 conntrack::touch_forward(entry, &flow, pkt, now);
                 nat::dnat(ctx, pkt, flow.backend_addr, flow.backend_port)?;
                 count(Counter::Established);
+                stats::forward(service.id, flow.backend_id, ctx.packet_len(), false);
                 return Ok(Action::Pass);
             }
             // The backend left every EndpointSlice of the service. A TCP
@@ -83,6 +90,7 @@ fn forward<C: PacketContext>(
                 u16::from_be(pkt.src_port)
             );
             if pkt.is_tcp() {
+                stats::drop(service.id, DropReason::BackendGone);
                 return reject::reset(ctx, pkt);
             }
         }
@@ -103,6 +111,7 @@ fn new_flow<C: PacketContext>(
 ) -> Result<Action, Error> {
     if service::rejects_new_connections(service) {
         count(Counter::NoBackend);
+        stats::drop(service.id, DropReason::NoBackend);
         event!(
             ctx,
             config,
@@ -121,6 +130,7 @@ fn new_flow<C: PacketContext>(
     conntrack::create(key, pkt, backend_id, &backend, now)?;
     nat::dnat(ctx, pkt, backend.addr, backend.port)?;
     count(Counter::NewFlow);
+    stats::forward(service.id, backend_id, ctx.packet_len(), true);
     event!(
         ctx,
         config,
@@ -165,6 +175,7 @@ fn reply<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<bool, Error> {
         conntrack::touch_reply(entry, &flow, pkt, Now::read());
         nat::snat(ctx, pkt, flow.frontend_addr, flow.frontend_port)?;
         count(Counter::Reply);
+        stats::reply(service_id, flow.backend_id, ctx.packet_len());
         return Ok(true);
     }
     Ok(false)

@@ -1,7 +1,7 @@
 //! Failures of the per-packet path. Each maps to exactly one counter and
 //! one action; the entry point counts it (see the verdict table in main.rs).
 
-use lb_common::counters::Counter;
+use lb_common::{counters::Counter, stats::DropReason};
 
 use crate::context::Action;
 
@@ -33,6 +33,18 @@ impl Error {
             Error::ConntrackFull => Counter::ConntrackFull,
             Error::RejectFailed => Counter::RejectFailed,
             Error::RewriteFailed => Counter::RewriteFailed,
+        }
+    }
+
+    /// The per-service drop reason, for errors of a service's packet.
+    #[inline(always)]
+    pub const fn drop_reason(self) -> Option<DropReason> {
+        match self {
+            Error::Malformed => None,
+            Error::SlotMiss => Some(DropReason::SlotMiss),
+            Error::ConntrackFull => Some(DropReason::ConntrackFull),
+            Error::RejectFailed => Some(DropReason::RejectFailed),
+            Error::RewriteFailed => Some(DropReason::RewriteFailed),
         }
     }
 

@@ -78,6 +78,7 @@ mod nat;
 mod parse;
 mod reject;
 mod service;
+mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 

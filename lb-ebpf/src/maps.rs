@@ -23,6 +23,7 @@ use lb_common::{
     conntrack::{Flow, FlowKey},
     counters::COUNTER_COUNT,
     service::{ServiceKey, ServiceValue, Slot, SlotKey},
+    stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats},
 };
 
 /// Frontends: (address, port, protocol) -> service id, number of slots
@@ -74,6 +75,16 @@ pub static LB_MEMBERS: HashMap<MemberKey, Member, { MAX_SLOTS as usize }> = Hash
 #[btf_map]
 pub static LB_MAGLEV: Array<u32, { (MAX_MAGLEV_TABLES * MAGLEV_TABLE_SIZE) as usize }> =
     Array::new();
+
+/// Per-CPU traffic counters per service (`service id % MAX_SERVICE_STATS`).
+#[btf_map]
+pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICE_STATS as usize }> =
+    PerCpuArray::new();
+
+/// Per-CPU traffic counters per backend (`backend id % MAX_BACKEND_STATS`).
+#[btf_map]
+pub static LB_BE_STATS: PerCpuArray<BackendStats, { MAX_BACKEND_STATS as usize }> =
+    PerCpuArray::new();
 
 /// Runtime configuration (one entry): log switch and flow timeouts.
 #[btf_map]

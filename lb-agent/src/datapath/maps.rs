@@ -3,15 +3,17 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::affinity::{Member, MemberKey};
 use lb_common::backend::{Backend, BackendAddr, RevNat};
 use lb_common::config::defaults::MAGLEV_TABLE_SIZE;
 use lb_common::conntrack::{Flow, FlowKey};
 use lb_common::names::{
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS,
 };
 use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats};
 
 use super::writer::{MapContents, MapOps, MapReadError, MapWrite, MapWriteError};
 
@@ -60,6 +62,8 @@ pub struct AyaMaps {
     maglev: Array<MapData, u32>,
     /// Entries per Maglev table, to read tables back.
     maglev_table_size: u32,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
 }
 
 impl AyaMaps {
@@ -78,7 +82,19 @@ impl AyaMaps {
             members: typed(open(MAP_MEMBERS)?, MAP_MEMBERS)?,
             maglev: typed(open(MAP_MAGLEV)?, MAP_MAGLEV)?,
             maglev_table_size: MAGLEV_TABLE_SIZE,
+            service_stats: typed(open(MAP_SERVICE_STATS)?, MAP_SERVICE_STATS)?,
+            backend_stats: typed(open(MAP_BACKEND_STATS)?, MAP_BACKEND_STATS)?,
         })
+    }
+
+    /// The counters of service `service_id`, summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapReadError> {
+        read_service_stats(&self.service_stats, service_id)
+    }
+
+    /// The counters of backend `backend_id`, summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapReadError> {
+        read_backend_stats(&self.backend_stats, backend_id)
     }
 
     /// Sets the Maglev table size the datapath was configured with (the
@@ -104,6 +120,54 @@ impl AyaMaps {
             (Err(error), None) => Err(error),
         }
     }
+}
+
+/// The counters of service `service_id` in an `LB_SVC_STATS` map, summed
+/// over CPUs.
+pub fn read_service_stats<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, ServiceStats>,
+    service_id: u32,
+) -> Result<ServiceStats, MapReadError> {
+    let values = map
+        .get(&(service_id % MAX_SERVICE_STATS), 0)
+        .map_err(|e| read_error(MAP_SERVICE_STATS, e))?;
+    let mut sum = ServiceStats::default();
+    for value in values.iter() {
+        sum.add(value);
+    }
+    Ok(sum)
+}
+
+/// The counters of backend `backend_id` in an `LB_BE_STATS` map, summed
+/// over CPUs.
+pub fn read_backend_stats<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, BackendStats>,
+    backend_id: u32,
+) -> Result<BackendStats, MapReadError> {
+    let values = map
+        .get(&(backend_id % MAX_BACKEND_STATS), 0)
+        .map_err(|e| read_error(MAP_BACKEND_STATS, e))?;
+    let mut sum = BackendStats::default();
+    for value in values.iter() {
+        sum.add(value);
+    }
+    Ok(sum)
+}
+
+/// A value of zero for every possible CPU.
+fn zeroed_per_cpu<T: aya::Pod + Default>() -> Result<PerCpuValues<T>, MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: error,
+        })
+    })?;
+    PerCpuValues::try_from(vec![T::default(); cpus.get() as usize]).map_err(|error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "PerCpuValues",
+            io_error: error,
+        })
+    })
 }
 
 fn write_error(write: &MapWrite, source: MapError) -> MapWriteError {
@@ -142,6 +206,12 @@ impl MapOps for AyaMaps {
                 backend_id,
                 0,
             ),
+            MapWrite::ResetServiceStats { slot } => {
+                zeroed_per_cpu().and_then(|zero| self.service_stats.set(*slot, zero, 0))
+            }
+            MapWrite::ResetBackendStats { slot } => {
+                zeroed_per_cpu().and_then(|zero| self.backend_stats.set(*slot, zero, 0))
+            }
         }
         .map_err(|source| write_error(write, source))
     }

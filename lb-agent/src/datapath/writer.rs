@@ -30,9 +30,11 @@ use lb_common::backend::{
     BACKEND_F_ACTIVE, BACKEND_F_NOT_READY, Backend, BackendAddr, MAX_REVNAT_SERVICES, RevNat,
 };
 use lb_common::names::{
-    MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SLOTS,
 };
 use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
 
 use super::maglev;
@@ -83,6 +85,14 @@ pub enum MapWrite {
         entry: u32,
         backend_id: u32,
     },
+    /// Zero entry `slot` of `LB_SVC_STATS` on every CPU (a new service id).
+    ResetServiceStats {
+        slot: u32,
+    },
+    /// Zero entry `slot` of `LB_BE_STATS` on every CPU (a new backend id).
+    ResetBackendStats {
+        slot: u32,
+    },
 }
 
 impl MapWrite {
@@ -95,6 +105,8 @@ impl MapWrite {
             MapWrite::RevNat { .. } | MapWrite::DeleteRevNat { .. } => MAP_REVNAT,
             MapWrite::Member { .. } | MapWrite::DeleteMember { .. } => MAP_MEMBERS,
             MapWrite::Maglev { .. } => MAP_MAGLEV,
+            MapWrite::ResetServiceStats { .. } => MAP_SERVICE_STATS,
+            MapWrite::ResetBackendStats { .. } => MAP_BACKEND_STATS,
         }
     }
 
@@ -178,6 +190,9 @@ impl fmt::Display for MapWrite {
                 entry,
                 backend_id,
             } => write!(f, "table {table} entry {entry} -> backend {backend_id}")?,
+            MapWrite::ResetServiceStats { slot } | MapWrite::ResetBackendStats { slot } => {
+                write!(f, "entry {slot} -> 0")?
+            }
         }
         f.write_str(")")
     }
@@ -262,6 +277,8 @@ impl MapContents {
                 }
                 entries[entry] = backend_id;
             }
+            // Counters are not mirrored.
+            MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. } => {}
         }
     }
 
@@ -401,6 +418,9 @@ pub struct Writer<M: MapOps> {
     maglev_tables: BTreeMap<u32, u16>,
     /// Services that wanted Maglev but found no free table, already warned about.
     maglev_overflow: BTreeSet<u32>,
+    /// Service ids handed out by the current apply, whose counters start
+    /// from zero.
+    fresh_service_ids: BTreeSet<u32>,
 }
 
 impl<M: MapOps> Writer<M> {
@@ -476,6 +496,7 @@ impl<M: MapOps> Writer<M> {
             maglev_table_size: lb_common::config::defaults::MAGLEV_TABLE_SIZE,
             maglev_tables,
             maglev_overflow: BTreeSet::new(),
+            fresh_service_ids: BTreeSet::new(),
         }
     }
 
@@ -583,6 +604,15 @@ impl<M: MapOps> Writer<M> {
             let old = self.programmed.slot_run(id);
             let new = slot_layout(&old, &ready);
 
+            if self.fresh_service_ids.remove(&id) {
+                // Before its frontends exist, so every count is its own.
+                self.write(
+                    MapWrite::ResetServiceStats {
+                        slot: id % MAX_SERVICE_STATS,
+                    },
+                    &mut report,
+                );
+            }
             // Members before anything names them, so an affinity to a
             // backend is followed as soon as new connections can reach it.
             let mut members_written = true;
@@ -828,8 +858,8 @@ impl<M: MapOps> Writer<M> {
                     let id = match inherited {
                         Some(id) => id,
                         None => {
-                            let id = self.next_service_id;
-                            self.next_service_id += 1;
+                            let id = self.new_service_id(&ids);
+                            self.fresh_service_ids.insert(id);
                             id
                         }
                     };
@@ -843,6 +873,31 @@ impl<M: MapOps> Writer<M> {
         self.inherited_ids.clear();
         self.service_ids = ids.clone();
         ids
+    }
+
+    /// The next unused service id whose counter entry no live service
+    /// uses (live: `assigned` in this apply, or kept from the last one),
+    /// unless every entry is taken.
+    fn new_service_id(&mut self, assigned: &BTreeMap<ServicePortName, u32>) -> u32 {
+        let taken: BTreeSet<u32> = assigned
+            .values()
+            .chain(self.service_ids.values())
+            .chain(self.inherited_ids.values())
+            .map(|id| id % MAX_SERVICE_STATS)
+            .collect();
+        let mut id = self.next_service_id;
+        if (taken.len() as u32) < MAX_SERVICE_STATS {
+            while taken.contains(&(id % MAX_SERVICE_STATS)) {
+                id += 1;
+            }
+        }
+        self.next_service_id = id + 1;
+        id
+    }
+
+    /// The service ports programmed, with their service ids.
+    pub fn service_ports(&self) -> impl Iterator<Item = (&ServicePortName, u32)> {
+        self.service_ids.iter().map(|(name, id)| (name, *id))
     }
 
     /// Step 1 for one backend: its `LB_BACKENDS` entry and `LB_REVNAT`
@@ -895,6 +950,16 @@ impl<M: MapOps> Writer<M> {
         } else {
             final_value
         };
+        if fresh {
+            // A reused id starts counting from zero; if zeroing fails the
+            // backend still works, with its predecessor's counts.
+            self.write(
+                MapWrite::ResetBackendStats {
+                    slot: id % MAX_BACKEND_STATS,
+                },
+                report,
+            );
+        }
         if programmed != Some(value) && !self.write(MapWrite::Backend { id, value }, report) {
             if fresh {
                 self.release_backend_id(id);
@@ -1307,11 +1372,20 @@ mod tests {
     }
 
     /// [`take_log`] without `LB_MEMBERS` writes (checked by the invariants
-    /// and by `members_follow_readiness_per_service`).
+    /// and by `members_follow_readiness_per_service`) and counter resets
+    /// (checked by `new_ids_start_with_zeroed_counters`).
     fn take_log_without_members(writer: &mut Writer<FakeMaps>) -> Vec<MapWrite> {
         take_log(writer)
             .into_iter()
-            .filter(|w| !matches!(w, MapWrite::Member { .. } | MapWrite::DeleteMember { .. }))
+            .filter(|w| {
+                !matches!(
+                    w,
+                    MapWrite::Member { .. }
+                        | MapWrite::DeleteMember { .. }
+                        | MapWrite::ResetServiceStats { .. }
+                        | MapWrite::ResetBackendStats { .. }
+                )
+            })
             .collect()
     }
 
@@ -1333,13 +1407,15 @@ mod tests {
                 MapWrite::Slot { .. } => "slot",
                 MapWrite::Service { .. } => "service",
                 MapWrite::Member { .. } => "member",
+                MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. } => "reset",
                 _ => "other",
             })
             .collect();
         assert_eq!(
             kinds,
             [
-                "backend", "revnat", "backend", "revnat", "member", "slot", "service"
+                "reset", "backend", "revnat", "reset", "backend", "revnat", "reset", "member",
+                "slot", "service"
             ]
         );
         assert_eq!(writer.programmed(), &writer.maps.contents);
@@ -2017,5 +2093,50 @@ mod tests {
             vec![10; TEST_MAGLEV_SIZE as usize]
         );
         assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn new_ids_start_with_zeroed_counters() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        writer.apply(&state(&[("web", web, &[(10, true)])]));
+        let web_id = writer.service_id(&name("web")).unwrap();
+        let b10 = backend_id(&writer, 10);
+        let resets: Vec<MapWrite> = take_log(&mut writer)
+            .into_iter()
+            .filter(|w| {
+                matches!(
+                    w,
+                    MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. }
+                )
+            })
+            .collect();
+        assert_eq!(
+            resets,
+            [
+                MapWrite::ResetBackendStats { slot: b10 },
+                MapWrite::ResetServiceStats { slot: web_id }
+            ]
+        );
+        // Unchanged: no reset; a kept service and backend keep counting.
+        writer.apply(&state(&[("web", web, &[(10, true)])]));
+        assert!(take_log(&mut writer).is_empty());
+    }
+
+    #[test]
+    fn live_services_get_distinct_counter_entries() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        writer.apply(&state(&[("web", web, &[(10, true)])]));
+        let web_id = writer.service_id(&name("web")).unwrap();
+        // Ids up to one full turn later would share web's entry.
+        writer.next_service_id = web_id + MAX_SERVICE_STATS;
+        writer.apply(&state(&[
+            ("web", web, &[(10, true)]),
+            ("db", frontend(2, 5432), &[(20, true)]),
+        ]));
+        let db_id = writer.service_id(&name("db")).unwrap();
+        assert_eq!(db_id, web_id + MAX_SERVICE_STATS + 1);
+        assert_ne!(db_id % MAX_SERVICE_STATS, web_id % MAX_SERVICE_STATS);
     }
 }

@@ -1,10 +1,12 @@
-//! [`Datapath`] access to the session-affinity and Maglev maps.
+//! [`Datapath`] access to the session-affinity, Maglev and per-service /
+//! per-backend counter maps.
 
-use aya::maps::{Array, HashMap, MapError};
+use aya::maps::{Array, HashMap, MapError, PerCpuArray};
 use lb_common::{
     affinity::{Affinity, AffinityKey, Member, MemberKey},
     config::defaults::MAGLEV_TABLE_SIZE,
     names,
+    stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats},
 };
 
 use super::{Datapath, Result, map_error};
@@ -84,5 +86,35 @@ impl Datapath {
                 .map_err(map_error(name, "set"))?;
         }
         Ok(())
+    }
+
+    /// The counters of service `service_id`, summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats> {
+        let name = names::MAP_SERVICE_STATS;
+        let map: PerCpuArray<_, ServiceStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_error(name, "open"))?;
+        let values = map
+            .get(&(service_id % MAX_SERVICE_STATS), 0)
+            .map_err(map_error(name, "get"))?;
+        let mut sum = ServiceStats::default();
+        for value in values.iter() {
+            sum.add(value);
+        }
+        Ok(sum)
+    }
+
+    /// The counters of backend `backend_id`, summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats> {
+        let name = names::MAP_BACKEND_STATS;
+        let map: PerCpuArray<_, BackendStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_error(name, "open"))?;
+        let values = map
+            .get(&(backend_id % MAX_BACKEND_STATS), 0)
+            .map_err(map_error(name, "get"))?;
+        let mut sum = BackendStats::default();
+        for value in values.iter() {
+            sum.add(value);
+        }
+        Ok(sum)
     }
 }
