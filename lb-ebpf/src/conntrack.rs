@@ -214,6 +214,28 @@ pub fn touch_reply(flow: *mut Flow, current: &Flow, pkt: &Packet, now: Now) {
     store_if_changed(flow, current, now, flags);
 }
 
+/// Whether this packet ends the TCP connection, so its flow can be
+/// deleted right after the packet is translated: a RST either way, or the
+/// last ACK (no FIN, no SYN) after FIN was seen both ways.
+///
+/// Deleting here is what keeps the table free of closed flows under
+/// connection churn without a userspace sweep (an LRU hash never drops an
+/// entry by itself; without this, every closed flow would sit there until
+/// evicted). If that last ACK is lost, the retransmitted FIN finds no
+/// flow: from the backend it passes untranslated and the client answers
+/// with a RST, from the client it is balanced afresh and the new backend
+/// answers with a RST; either way the closing side finishes.
+#[inline(always)]
+pub const fn closes(flow: &Flow, pkt: &Packet) -> bool {
+    if !pkt.is_tcp() {
+        return false;
+    }
+    pkt.tcp_flags & TCP_RST != 0
+        || (flow.flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND)
+            == (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND)
+            && pkt.tcp_flags & (TCP_ACK | TCP_FIN | TCP_SYN) == TCP_ACK)
+}
+
 /// Inserts (or replaces an expired) flow of `key` to `backend`.
 #[inline(always)]
 pub fn create(

@@ -73,6 +73,9 @@ fn forward<C: PacketContext>(
                 nat::dnat(ctx, pkt, flow.backend_addr, flow.backend_port)?;
                 count(Counter::Established);
                 stats::forward(service.id, flow.backend_id, ctx.packet_len(), false);
+                if conntrack::closes(&flow, pkt) {
+                    conntrack::remove(&key);
+                }
                 return Ok(Action::Pass);
             }
             // The backend left every EndpointSlice of the service. A TCP
@@ -176,6 +179,9 @@ fn reply<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<bool, Error> {
         nat::snat(ctx, pkt, flow.frontend_addr, flow.frontend_port)?;
         count(Counter::Reply);
         stats::reply(service_id, flow.backend_id, ctx.packet_len());
+        if conntrack::closes(&flow, pkt) {
+            conntrack::remove(&key);
+        }
         return Ok(true);
     }
     Ok(false)

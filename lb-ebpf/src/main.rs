@@ -33,7 +33,10 @@
 //!
 //! Flow expiry: a flow idle for longer than its timeout (`LB_CONFIG`:
 //! UDP, TCP, or TCP closing once FIN was seen both ways or RST either way)
-//! is treated as absent by the forward path and replaced.
+//! is treated as absent by the forward path and replaced. A TCP flow is
+//! deleted as soon as its connection ends: after translating a RST (either
+//! way) or the last ACK following FINs both ways (`conntrack::closes`), so
+//! connection churn does not fill the LRU table with closed flows.
 //!
 //! # Checksums
 //!
