@@ -1141,4 +1141,100 @@ spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
         assert_eq!(validate_service(&service(WEB)), Ok(()));
         assert_eq!(validate_endpoint_slice(&slice(WEB_SLICE_A)), Ok(()));
     }
+
+    /// A one-port Service `web` with `extra` lines under `metadata` and
+    /// `spec`.
+    fn web_with(metadata: &str, spec: &str) -> Service {
+        service(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web{metadata}}}\nspec: {{clusterIP: 198.18.100.10, ports: [{{port: 80}}]{spec}}}"
+        ))
+    }
+
+    fn only_port(translation: &Translation) -> &ServicePort {
+        translation
+            .state
+            .service(&name("web", "", Protocol::Tcp))
+            .expect("web translated")
+    }
+
+    #[test]
+    fn session_affinity_and_its_timeout() {
+        let cases = [
+            ("", None),
+            (", sessionAffinity: None", None),
+            (", sessionAffinity: ClientIP", Some(DEFAULT_TIMEOUT_SECS)),
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+                Some(5),
+            ),
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+                Some(86_400),
+            ),
+            // The config alone does not turn affinity on.
+            (
+                ", sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+                None,
+            ),
+        ];
+        for (spec, expected) in cases {
+            let web = web_with("", spec);
+            assert_eq!(validate_service(&web), Ok(()), "{spec}");
+            let translation = translate([&web], []);
+            assert_eq!(only_port(&translation).affinity_timeout, expected, "{spec}");
+        }
+        for (spec, field) in [
+            (", sessionAffinity: Cookie", "spec.sessionAffinity"),
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            ),
+            (
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            ),
+        ] {
+            let error = validate_service(&web_with("", spec)).unwrap_err();
+            assert_eq!(error.field, field, "{spec}");
+        }
+    }
+
+    #[test]
+    fn selection_annotation_overrides_the_default() {
+        let cases = [
+            ("", None),
+            (
+                ", annotations: {lb.dev/selection: maglev}",
+                Some(Selection::Maglev),
+            ),
+            (
+                ", annotations: {lb.dev/selection: random}",
+                Some(Selection::Random),
+            ),
+        ];
+        for (metadata, expected) in cases {
+            let translation = translate([&web_with(metadata, "")], []);
+            assert_eq!(only_port(&translation).selection, expected, "{metadata}");
+            assert!(
+                translation
+                    .notices
+                    .iter()
+                    .all(|n| n.level != NoticeLevel::Warn)
+            );
+        }
+        // An unknown value warns and leaves the agent's default.
+        let translation = translate(
+            [&web_with(", annotations: {lb.dev/selection: ring}", "")],
+            [],
+        );
+        assert_eq!(only_port(&translation).selection, None);
+        assert!(
+            translation
+                .notices
+                .iter()
+                .any(|n| n.level == NoticeLevel::Warn && n.message.contains(ANNOTATION_SELECTION)),
+            "{:?}",
+            translation.notices
+        );
+    }
 }
