@@ -12,6 +12,9 @@
 //!
 //! Each packet is counted once in `LB_COUNTERS` (a UDP flow whose backend
 //! left is counted as `BackendGone` and then by how it is re-balanced).
+//! A packet of a service is also counted per service and per backend
+//! (`LB_SVC_STATS`, `LB_BE_STATS`: packets and bytes both ways, new flows;
+//! per service also refusals and drops by reason, see `stats`).
 //!
 //! | Packet | Verdict | Counter |
 //! |---|---|---|
