@@ -6,8 +6,9 @@
 //! agent binary (`LB_AGENT_BIN`, or target/debug/lb-agent).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 use lb_tests::agent::Agent;
@@ -26,8 +27,7 @@ fn client_name(n: usize) -> String {
 }
 
 /// One node with `clients` client pods and `backends` backend pods running
-/// TCP and UDP servers, and an agent started with `agent_args`. Field
-/// order is teardown order.
+/// TCP and UDP servers, and its agent. Field order is teardown order.
 struct Cluster {
     agent: Agent,
     _tcp_servers: Vec<TcpServer>,
@@ -38,7 +38,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(tag: &str, clients: usize, backends: usize, agent_args: &[&str]) -> Self {
+    fn start(tag: &str, clients: usize, backends: usize) -> Self {
         let mut testbed = Testbed::new(tag).expect("testbed");
         let manifests =
             ManifestDir::create(testbed.scratch().join("manifests")).expect("manifest dir");
@@ -56,11 +56,9 @@ impl Cluster {
             udp_servers.push(UdpServer::start(pod, UDP_TARGET).expect("UDP server"));
         }
         let node = testbed.node(NODE);
-        let mut args: Vec<&OsStr> = vec![OsStr::new("--manifests"), manifests.path().as_os_str()];
-        args.extend(agent_args.iter().map(OsStr::new));
-        let agent = Agent::start_with(
+        let agent = Agent::start(
             node,
-            &args,
+            manifests.path(),
             &node.pod_ifaces(),
             testbed.pin_dir("agent").expect("pin dir"),
         )
@@ -143,7 +141,7 @@ fn answer(client: &Pod, frontend: SocketAddrV4) -> String {
 
 #[test]
 fn affinity_holds_per_client_while_clients_spread_and_switches_off() {
-    let cluster = Cluster::start("aff-hold", 8, 3, &[]);
+    let cluster = Cluster::start("aff-hold", 8, 3);
     let web = web();
     let endpoints = cluster.endpoints(1..=3);
     cluster.write(&web, client_ip(60), json!({}), &endpoints, |entry| {
@@ -225,7 +223,7 @@ fn affinity_holds_per_client_while_clients_spread_and_switches_off() {
 
 #[test]
 fn affinity_expires_after_its_timeout_and_is_chosen_afresh() {
-    let cluster = Cluster::start("aff-expire", 8, 3, &[]);
+    let cluster = Cluster::start("aff-expire", 8, 3);
     let web = web();
     let endpoints = cluster.endpoints(1..=3);
     cluster.write(&web, client_ip(2), json!({}), &endpoints, |entry| {
@@ -257,7 +255,7 @@ fn affinity_expires_after_its_timeout_and_is_chosen_afresh() {
 
 #[test]
 fn affinity_moves_when_its_backend_leaves_the_service() {
-    let cluster = Cluster::start("aff-move", 1, 3, &[]);
+    let cluster = Cluster::start("aff-move", 1, 3);
     let web = web();
     let endpoints = cluster.endpoints(1..=3);
     cluster.write(&web, client_ip(600), json!({}), &endpoints, |entry| {
@@ -306,27 +304,88 @@ fn affinity_moves_when_its_backend_leaves_the_service() {
     );
 }
 
-/// Sends one datagram to `frontend` from `client`'s port `port` and
-/// returns the name of the backend that answered.
-fn udp_from_port(client: &Pod, port: u16, frontend: SocketAddrV4) -> String {
+/// Opens a TCP connection to `frontend` from `client`'s port `port`,
+/// makes one exchange and aborts it (RST, so the port is free again at
+/// once and the datapath deletes the flow): the name of the backend that
+/// answered. The next call with the same port is a new flow with the same
+/// addresses and ports.
+fn tcp_from_port(client: &Pod, port: u16, frontend: SocketAddrV4) -> String {
+    fn check(ret: libc::c_int) -> io::Result<()> {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+    fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let exchange = || -> io::Result<String> {
+        // SAFETY: plain socket call; the descriptor is owned by `stream`
+        // right after.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        check(fd)?;
+        // SAFETY: `fd` is a fresh socket nobody else owns.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        let abort = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+        let remote = sockaddr(frontend);
+        // SAFETY: each call gets a valid pointer to a value of the size
+        // it is told.
+        unsafe {
+            check(libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            ))?;
+            check(libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const abort).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            ))?;
+            check(libc::bind(
+                fd,
+                (&raw const local).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ))?;
+            check(libc::connect(
+                fd,
+                (&raw const remote).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ))?;
+        }
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        (&stream).write_all(b"maglev\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(line.split(' ').next().unwrap_or_default().to_owned())
+    };
     client
-        .run(|| -> std::io::Result<String> {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-            socket.send_to(b"maglev", frontend)?;
-            let mut buffer = [0u8; 512];
-            let (len, _) = socket.recv_from(&mut buffer)?;
-            let text = String::from_utf8_lossy(&buffer[..len]).into_owned();
-            Ok(text.split(' ').next().unwrap_or_default().to_owned())
-        })
+        .run(exchange)
         .expect("enter the client")
-        .unwrap_or_else(|error| panic!("UDP from port {port}: {error}"))
+        .unwrap_or_else(|error| panic!("TCP from port {port}: {error}"))
 }
 
 #[test]
 fn maglev_is_even_and_moves_about_a_tenth_when_one_of_ten_backends_leaves() {
-    // UDP flows expire after 1 s, so the second pass balances anew.
-    let cluster = Cluster::start("maglev", 1, 10, &["--udp-timeout", "1"]);
+    // Every connection ends with a RST, which deletes its flow, so a
+    // second pass over the same source ports is balanced anew.
+    let cluster = Cluster::start("maglev", 1, 10);
     let web = web();
     let endpoints = cluster.endpoints(1..=10);
     let maglev = json!({ lb_agent::translate::ANNOTATION_SELECTION: "maglev" });
@@ -337,7 +396,7 @@ fn maglev_is_even_and_moves_about_a_tenth_when_one_of_ten_backends_leaves() {
     let ports: Vec<u16> = (20_000..20_600).collect();
     let before: Vec<String> = ports
         .iter()
-        .map(|&port| udp_from_port(client, port, web.udp_frontend()))
+        .map(|&port| tcp_from_port(client, port, web.tcp_frontend()))
         .collect();
     let mut per_backend: BTreeMap<&String, usize> = BTreeMap::new();
     for backend in &before {
@@ -350,12 +409,11 @@ fn maglev_is_even_and_moves_about_a_tenth_when_one_of_ten_backends_leaves() {
         "{per_backend:?}"
     );
 
-    // The same flows again once their entries expired: the same backends
-    // (the table, not chance, decides).
-    std::thread::sleep(Duration::from_millis(2_500));
+    // The same flows again, as new flows: the same backends (the table,
+    // not chance, decides).
     let replay: Vec<String> = ports
         .iter()
-        .map(|&port| udp_from_port(client, port, web.udp_frontend()))
+        .map(|&port| tcp_from_port(client, port, web.tcp_frontend()))
         .collect();
     assert_eq!(
         before, replay,
@@ -367,10 +425,9 @@ fn maglev_is_even_and_moves_about_a_tenth_when_one_of_ten_backends_leaves() {
     cluster.write(&web, json!({}), maglev, &endpoints, |entry| {
         entry.selection == "maglev"
     });
-    std::thread::sleep(Duration::from_millis(2_500));
     let after: Vec<String> = ports
         .iter()
-        .map(|&port| udp_from_port(client, port, web.udp_frontend()))
+        .map(|&port| tcp_from_port(client, port, web.tcp_frontend()))
         .collect();
     let removed = backend_name(10);
     let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
