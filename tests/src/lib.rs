@@ -19,6 +19,7 @@
 //! ```
 
 pub mod agent;
+pub mod bench;
 pub mod command;
 pub mod dirs;
 pub mod error;

@@ -2,6 +2,7 @@
 //! default toolchain; everything else builds with the pinned one
 //! ([`cargo::TOOLCHAIN`]), which `setup` installs.
 
+mod bench;
 mod build;
 mod cargo;
 mod demo;
@@ -72,6 +73,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Measure the datapath, the agent and kube-proxy's rules on this
+    /// machine (release build; needs root); writes docs/benchmarks.md.
+    Bench {
+        /// A smaller run (under two minutes) written to target/bench/.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Clippy with warnings denied, host packages and the BPF program.
     Clippy,
     /// Format the workspace.
@@ -91,6 +99,7 @@ fn run(task: Task) -> Result<()> {
         Task::Run { release, args } => build::run_agent(Profile::from_release_flag(release), &args),
         Task::Test { release, args } => test::test(Profile::from_release_flag(release), &args),
         Task::Demo { release, args } => demo::demo(Profile::from_release_flag(release), &args),
+        Task::Bench { quick } => bench::bench(quick),
         Task::Clippy => lint::clippy(),
         Task::Fmt { check } => lint::fmt(check),
     }

@@ -28,7 +28,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_SERIES: &str = "0.13";
 
 /// Debian packages and why each is needed.
-const APT_PACKAGES: [(&str, &str); 6] = [
+const APT_PACKAGES: [(&str, &str); 8] = [
     ("llvm-22-dev", "the LLVM bpf-linker links against"),
     ("zlib1g-dev", "linked by bpf-linker's LLVM bindings"),
     ("libzstd-dev", "linked by bpf-linker's LLVM bindings"),
@@ -40,6 +40,14 @@ const APT_PACKAGES: [(&str, &str); 6] = [
     (
         "iproute2",
         "`ip`, which the network-namespace testbed drives",
+    ),
+    (
+        "iptables",
+        "kube-proxy's iptables rules, which `bench` compares against (in test namespaces only)",
+    ),
+    (
+        "nftables",
+        "kube-proxy's nftables rules, which `bench` compares against (in test namespaces only)",
     ),
 ];
 

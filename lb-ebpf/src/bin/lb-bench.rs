@@ -15,12 +15,13 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::TC_ACT_OK,
-    btf_maps::{Array, ProgramArray},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{Array, HashMap, ProgramArray},
     helpers::generated::bpf_skb_store_bytes,
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use lb_common::service::{ServiceKey, ServiceValue};
 
 /// Largest packet the harness replays.
 const MAX_PACKET_LEN: usize = 256;
@@ -90,6 +91,27 @@ fn lb_bench_run(ctx: TcContext) -> i32 {
 #[classifier]
 fn lb_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// The key `lb_bench_lookup` looks up; userspace inserts it into
+/// `LB_BENCH_LOOKUP` (198.19.255.254:80/TCP, network byte order).
+const LOOKUP_KEY: ServiceKey =
+    ServiceKey::new(u32::from_ne_bytes([198, 19, 255, 254]), 80u16.to_be(), 6);
+
+/// A frontend-shaped hash map for the second calibration target.
+#[btf_map]
+static LB_BENCH_LOOKUP: HashMap<ServiceKey, ServiceValue, 1024> = HashMap::new();
+
+/// Calibration target: one hash lookup with the datapath's frontend key
+/// type. `TC_ACT_OK` when the key was found, `TC_ACT_SHOT` when not, so a
+/// run that missed is seen.
+#[classifier]
+fn lb_bench_lookup(_ctx: TcContext) -> i32 {
+    let key = LOOKUP_KEY;
+    match LB_BENCH_LOOKUP.get_ptr(&key) {
+        Some(_) => TC_ACT_OK,
+        None => TC_ACT_SHOT,
+    }
 }
 
 /// Adds one to the IPv4 source address in `input.data` and patches the IP

@@ -36,6 +36,26 @@ const TEST_MAX_SLOTS: u32 = 256;
 const TEST_MAX_BACKENDS: u32 = 64;
 const TEST_MAX_FLOWS: u32 = 1024;
 
+/// Map sizes of a [`Datapath`]; `backends` sizes both `LB_BACKENDS` and
+/// `LB_REVNAT`.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    pub services: u32,
+    pub slots: u32,
+    pub backends: u32,
+    pub flows: u32,
+}
+
+impl Capacities {
+    /// The small sizes packet tests use.
+    pub const TEST: Self = Self {
+        services: TEST_MAX_SERVICES,
+        slots: TEST_MAX_SLOTS,
+        backends: TEST_MAX_BACKENDS,
+        flows: TEST_MAX_FLOWS,
+    };
+}
+
 /// Network-order `u32` of an address, as the maps hold it.
 pub fn be_addr(addr: &SocketAddrV4) -> u32 {
     u32::from_ne_bytes(addr.ip().octets())
@@ -118,12 +138,21 @@ impl Datapath {
 
     /// [`Datapath::load`] with room for `max_flows` flows.
     pub fn load_with_max_flows(max_flows: u32) -> Result<Self> {
+        Self::load_with_capacities(&Capacities {
+            flows: max_flows,
+            ..Capacities::TEST
+        })
+    }
+
+    /// [`Datapath::load`] with the given map sizes (the benchmarks fill
+    /// the maps with up to 100,000 services and a million flows).
+    pub fn load_with_capacities(capacities: &Capacities) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::MAP_SERVICES, TEST_MAX_SERVICES)
-            .map_max_entries(names::MAP_SLOTS, TEST_MAX_SLOTS)
-            .map_max_entries(names::MAP_BACKENDS, TEST_MAX_BACKENDS)
-            .map_max_entries(names::MAP_REVNAT, TEST_MAX_BACKENDS)
-            .map_max_entries(names::MAP_CONNTRACK, max_flows)
+            .map_max_entries(names::MAP_SERVICES, capacities.services)
+            .map_max_entries(names::MAP_SLOTS, capacities.slots)
+            .map_max_entries(names::MAP_BACKENDS, capacities.backends)
+            .map_max_entries(names::MAP_REVNAT, capacities.backends)
+            .map_max_entries(names::MAP_CONNTRACK, capacities.flows)
             .load(lb_agent::EBPF_OBJECT)
             .map_err(PacketError::LoadObject)?;
         let program: &mut SchedClassifier = ebpf
@@ -349,6 +378,21 @@ impl Datapath {
         self.hash_map_mut::<FlowKey, Flow>(name)?
             .insert(key, flow, 0)
             .map_err(map_error(name, "insert"))
+    }
+
+    /// Removes a flow; `Ok(false)` when there was none.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<bool> {
+        let name = names::MAP_CONNTRACK;
+        match self.hash_map_mut::<FlowKey, Flow>(name)?.remove(key) {
+            Ok(()) => Ok(true),
+            // bpf_map_delete_elem reports a missing key as ENOENT.
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(source) => Err(map_error(name, "remove")(source)),
+        }
     }
 
     /// Number of tracked flows.

@@ -1,0 +1,585 @@
+//! Program cost: ns per packet of `lb_tc_pod` on each hot path, with
+//! `BPF_PROG_TEST_RUN` through the replay wrapper of
+//! [`crate::packet::bench`] (the input restored before every run, every
+//! run's counter increment, the last verdict and output checked), while
+//! the maps hold 1 to 100,000 services and 0 to a million flows written
+//! from userspace.
+//!
+//! The services other than the measured one are shaped like the agent
+//! writes them: a frontend, one slot, one backend of their own and its
+//! reverse-NAT entry. The filler flows belong to clients no measured
+//! packet uses. A new-flow figure adds `prog_runs` flows per round, which
+//! are deleted again (and counted) before the next figure.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, ProgramArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use lb_common::{
+    backend::{BACKEND_F_ACTIVE, Backend, BackendAddr, RevNat},
+    conntrack::{Flow, FlowKey},
+    counters::Counter,
+    proto,
+    service::{ServiceKey, ServiceValue},
+};
+
+use super::stats::Summary;
+use super::{BenchError, Plan, Result};
+use crate::packet::PacketError;
+use crate::packet::bench::{Bench, BenchCase};
+use crate::packet::datapath::{
+    BackendSpec, Capacities, Datapath, ServiceSpec, TC_ACT_OK, be_addr, be_port,
+};
+use crate::packet::frame::{Frame, TCP_ACK, TCP_SYN};
+
+/// The measured service (id 1) and its clients.
+const SERVICE_ID: u32 = 1;
+const FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 1), 80);
+const BACKENDS: [SocketAddrV4; 3] = [
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 2), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 251, 2), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 252, 2), 8080),
+];
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+/// Port of the clients whose source address the wrapper steps.
+const NEW_FLOW_PORT: u16 = 40001;
+/// A destination no service has.
+const NO_SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 249, 2), 80);
+/// Offset of the TCP checksum in an untagged frame without IP options.
+const TCP_CSUM_OFF: usize = 14 + 20 + 16;
+/// Backend ids of filler services start above the measured service's.
+const FILLER_BACKEND_BASE: u32 = 16;
+/// Payload of the data packets: a small request.
+const PAYLOAD: [u8; 64] = [0x42; 64];
+
+/// The hot paths of `lb_tc_pod`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HotPath {
+    /// A packet of an established flow, client to frontend.
+    Established,
+    /// The first packet (SYN) of a new flow: backend choice, flow insert.
+    NewFlow,
+    /// A backend's reply, reverse-translated.
+    Reply,
+    /// A packet for no service, passed untouched.
+    NoService,
+}
+
+impl HotPath {
+    pub const ALL: [HotPath; 4] = [
+        HotPath::Established,
+        HotPath::NewFlow,
+        HotPath::Reply,
+        HotPath::NoService,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HotPath::Established => "established flow",
+            HotPath::NewFlow => "new flow (SYN)",
+            HotPath::Reply => "reply (reverse NAT)",
+            HotPath::NoService => "no service",
+        }
+    }
+}
+
+/// One figure of the grid.
+#[derive(Clone, Debug)]
+pub struct ProgRow {
+    pub path: HotPath,
+    pub services: u32,
+    pub flows: u32,
+    /// ns/packet of `lb_tc_pod` itself (the wrapper's calibration run
+    /// subtracted round by round).
+    pub ns: Summary,
+}
+
+/// A calibration figure.
+#[derive(Clone, Debug)]
+pub struct CalibrationRow {
+    pub label: &'static str,
+    pub ns: Summary,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProgResults {
+    pub runs: u32,
+    pub rounds: u32,
+    pub rows: Vec<ProgRow>,
+    pub calibration: Vec<CalibrationRow>,
+}
+
+impl ProgResults {
+    pub fn get(&self, path: HotPath, services: u32, flows: u32) -> Option<&ProgRow> {
+        self.rows
+            .iter()
+            .find(|row| row.path == path && row.services == services && row.flows == flows)
+    }
+}
+
+fn ipv4_plus(base: Ipv4Addr, offset: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base).wrapping_add(offset))
+}
+
+/// Frontend of filler service `index` (0-based): 198.19.0.0/16, port 1080
+/// and up, so it never equals [`FRONTEND`].
+fn filler_frontend(index: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        ipv4_plus(Ipv4Addr::new(198, 19, 0, 0), index & 0xffff),
+        1080 + (index >> 16) as u16,
+    )
+}
+
+/// Backend of filler service `index`: 198.18.128.0/17.
+fn filler_backend(index: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        ipv4_plus(Ipv4Addr::new(198, 18, 128, 0), index & 0x7fff),
+        9000 + (index >> 15) as u16,
+    )
+}
+
+/// Key and value of filler flow `index`: clients in 198.19.0.0/16 (the
+/// new-flow clients stay in 198.18.0.0/16) on ports no measured packet
+/// uses.
+fn filler_flow(index: u32) -> (FlowKey, Flow) {
+    let client = SocketAddrV4::new(
+        ipv4_plus(Ipv4Addr::new(198, 19, 0, 0), index & 0xffff),
+        1024 + (index >> 16) as u16,
+    );
+    let backend = BACKENDS[index as usize % BACKENDS.len()];
+    (
+        FlowKey {
+            client_addr: be_addr(&client),
+            client_port: be_port(&client),
+            proto: proto::TCP,
+            _pad: 0,
+            service_id: SERVICE_ID,
+        },
+        Flow {
+            backend_addr: be_addr(&backend),
+            backend_port: be_port(&backend),
+            frontend_port: be_port(&FRONTEND),
+            frontend_addr: be_addr(&FRONTEND),
+            backend_id: 1 + index % BACKENDS.len() as u32,
+            ..Flow::default()
+        },
+    )
+}
+
+/// Adds filler services `from..to` (0-based indices; service ids start
+/// at 2).
+fn add_filler_services(datapath: &mut Datapath, from: u32, to: u32) -> Result<()> {
+    for index in from..to {
+        let service_id = index + 2;
+        let backend_id = FILLER_BACKEND_BASE + index;
+        let backend = filler_backend(index);
+        datapath.set_backend(
+            backend_id,
+            &Backend {
+                addr: be_addr(&backend),
+                port: be_port(&backend),
+                proto: proto::TCP,
+                flags: BACKEND_F_ACTIVE,
+            },
+        )?;
+        datapath.set_slot(service_id, 0, backend_id)?;
+        let mut revnat = RevNat {
+            count: 1,
+            ..RevNat::default()
+        };
+        revnat.service_ids[0] = service_id;
+        datapath.set_revnat(
+            &BackendAddr::new(be_addr(&backend), be_port(&backend), proto::TCP),
+            &revnat,
+        )?;
+        datapath.set_service(
+            &filler_frontend(index),
+            proto::TCP,
+            &ServiceValue {
+                id: service_id,
+                backend_count: 1,
+                ..ServiceValue::default()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn add_filler_flows(datapath: &mut Datapath, from: u32, to: u32) -> Result<()> {
+    for index in from..to {
+        let (key, flow) = filler_flow(index);
+        datapath.set_flow(&key, &flow)?;
+    }
+    Ok(())
+}
+
+/// Client of the first new flow of `round`: the wrapper steps the address
+/// before every run, so round `r` uses `base + 1 ..= base + 2 * runs`
+/// (its calibration runs step too).
+fn new_flow_base(round: u32, runs: u32) -> Ipv4Addr {
+    ipv4_plus(Ipv4Addr::new(198, 18, 0, 0), 16 + round * 2 * runs)
+}
+
+/// Deletes the flows the new-flow runs of one round created, checking that
+/// there were exactly `runs` of them.
+fn remove_new_flows(datapath: &mut Datapath, base: Ipv4Addr, runs: u32) -> Result<()> {
+    let mut removed = 0;
+    for step in 1..=2 * runs {
+        let client = SocketAddrV4::new(ipv4_plus(base, step), NEW_FLOW_PORT);
+        let key = FlowKey {
+            client_addr: be_addr(&client),
+            client_port: be_port(&client),
+            proto: proto::TCP,
+            _pad: 0,
+            service_id: SERVICE_ID,
+        };
+        if datapath.remove_flow(&key)? {
+            removed += 1;
+        }
+    }
+    if removed != runs {
+        return Err(BenchError::check(
+            "new-flow runs",
+            format!("{runs} runs left {removed} flows in the conntrack table"),
+        ));
+    }
+    Ok(())
+}
+
+/// The measured service's spec: three ready backends, ids 1..=3.
+fn measured_service() -> ServiceSpec {
+    ServiceSpec {
+        id: SERVICE_ID,
+        frontend: FRONTEND,
+        proto: proto::TCP,
+        backends: BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| BackendSpec {
+                id: i as u32 + 1,
+                addr: *addr,
+                ready: true,
+            })
+            .collect(),
+    }
+}
+
+/// Opens the established flow and returns the backend it chose.
+fn open_flow(datapath: &mut Datapath) -> Result<SocketAddrV4> {
+    let syn = Frame::tcp(CLIENT, FRONTEND, TCP_SYN);
+    let output = datapath.run(&syn.to_bytes())?;
+    if output.verdict != TC_ACT_OK {
+        return Err(BenchError::check(
+            "opening the measured flow",
+            format!("verdict {:#x}", output.verdict),
+        ));
+    }
+    BACKENDS
+        .iter()
+        .copied()
+        .find(|backend| output.frame == syn.clone().with_dst(*backend).to_bytes())
+        .ok_or_else(|| BenchError::check("opening the measured flow", "no backend got the SYN"))
+}
+
+fn case(path: HotPath, backend: SocketAddrV4, base: Ipv4Addr) -> BenchCase {
+    let data = Frame::tcp(CLIENT, FRONTEND, TCP_ACK).with_payload(&PAYLOAD);
+    let name = path.label().to_owned();
+    match path {
+        HotPath::Established => BenchCase {
+            name,
+            frame: data.to_bytes(),
+            step_source_l4_csum_off: None,
+            expected_verdict: TC_ACT_OK,
+            expected_counter: Counter::Established,
+            expected_output: Some(data.with_dst(backend).to_bytes()),
+        },
+        HotPath::NewFlow => BenchCase {
+            name,
+            frame: Frame::tcp(SocketAddrV4::new(base, NEW_FLOW_PORT), FRONTEND, TCP_SYN).to_bytes(),
+            step_source_l4_csum_off: Some(TCP_CSUM_OFF),
+            expected_verdict: TC_ACT_OK,
+            expected_counter: Counter::NewFlow,
+            // Which backend the last run chose is random.
+            expected_output: None,
+        },
+        HotPath::Reply => {
+            let reply = Frame::tcp(backend, CLIENT, TCP_ACK).with_payload(&PAYLOAD);
+            BenchCase {
+                name,
+                frame: reply.to_bytes(),
+                step_source_l4_csum_off: None,
+                expected_verdict: TC_ACT_OK,
+                expected_counter: Counter::Reply,
+                expected_output: Some(reply.with_src(FRONTEND).to_bytes()),
+            }
+        }
+        HotPath::NoService => {
+            let other = Frame::tcp(CLIENT, NO_SERVICE, TCP_ACK)
+                .with_payload(&PAYLOAD)
+                .to_bytes();
+            BenchCase {
+                name,
+                frame: other.clone(),
+                step_source_l4_csum_off: None,
+                expected_verdict: TC_ACT_OK,
+                expected_counter: Counter::Pass,
+                expected_output: Some(other),
+            }
+        }
+    }
+}
+
+/// Measures `path` round by round (each round one `measure` call of
+/// `runs` runs), so the spread over rounds is known.
+fn measure_path(
+    bench: &mut Bench,
+    path: HotPath,
+    backend: SocketAddrV4,
+    runs: u32,
+    rounds: u32,
+) -> Result<Summary> {
+    let mut per_round = Vec::new();
+    for round in 0..rounds {
+        let base = new_flow_base(round, runs);
+        let result = bench.measure(&case(path, backend, base), runs, 1)?;
+        if path == HotPath::NewFlow {
+            remove_new_flows(bench.datapath(), base, runs)?;
+        }
+        per_round.push(result.ns_per_packet as f64);
+    }
+    Ok(Summary::of(&per_round).expect("at least one round"))
+}
+
+/// Runs the program-cost grid of `plan`; `progress` hears what is being
+/// done (filling a million flows takes a while).
+pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<ProgResults> {
+    let runs = plan.prog_runs;
+    let rounds = plan.prog_rounds;
+    assert!(
+        16 + rounds * 2 * runs < 1 << 16,
+        "new-flow clients must stay in 198.18.0.0/16 (the filler flows use 198.19.0.0/16)"
+    );
+    let max_services = plan.prog_services.iter().copied().max().unwrap_or(1);
+    let max_flows = plan.prog_flows.iter().copied().max().unwrap_or(0);
+    let capacities = Capacities {
+        services: max_services + 16,
+        slots: max_services + 64,
+        backends: max_services + FILLER_BACKEND_BASE + 16,
+        // Room for the new flows of a round on top, so nothing is evicted.
+        flows: max_flows + max_flows / 4 + 4 * runs + 1024,
+    };
+    let mut services_levels = plan.prog_services.clone();
+    services_levels.sort_unstable();
+    let mut flows_levels = plan.prog_flows.clone();
+    flows_levels.sort_unstable();
+
+    let mut rows = Vec::new();
+    // One freshly loaded datapath per conntrack level; services only grow
+    // within it.
+    for &flows in &flows_levels {
+        let mut datapath = Datapath::load_with_capacities(&capacities)?;
+        datapath.add_service(&measured_service())?;
+        progress(format!("program cost: writing {flows} flows"));
+        add_filler_flows(&mut datapath, 0, flows)?;
+        let backend = open_flow(&mut datapath)?;
+        let mut bench = Bench::load(datapath)?;
+        let mut services_now = 1;
+        for &services in &services_levels {
+            add_filler_services(bench.datapath(), services_now - 1, services - 1)?;
+            services_now = services;
+            progress(format!("program cost: {services} services, {flows} flows"));
+            for path in HotPath::ALL {
+                let ns = measure_path(&mut bench, path, backend, runs, rounds)?;
+                rows.push(ProgRow {
+                    path,
+                    services,
+                    flows,
+                    ns,
+                });
+            }
+        }
+    }
+    let calibration = calibrate(runs, rounds)?;
+    Ok(ProgResults {
+        runs,
+        rounds,
+        rows,
+        calibration,
+    })
+}
+
+const PROG_BENCH_RUN: &str = "lb_bench_run";
+const PROG_BENCH_EMPTY: &str = "lb_bench_empty";
+const PROG_BENCH_LOOKUP: &str = "lb_bench_lookup";
+const MAP_BENCH_INPUT: &str = "LB_BENCH_INPUT";
+const MAP_BENCH_TARGET: &str = "LB_BENCH_TARGET";
+const MAP_BENCH_LOOKUP: &str = "LB_BENCH_LOOKUP";
+/// The key `lb_bench_lookup` looks up (see lb-ebpf/src/bin/lb-bench.rs).
+const LOOKUP_FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 254), 80);
+/// `LB_BENCH_INPUT`'s length field sits first; the frame starts at 16.
+const INPUT_HEADER: usize = 16;
+const INPUT_SIZE: usize = INPUT_HEADER + crate::packet::bench::MAX_BENCH_FRAME;
+
+/// `LB_BENCH_INPUT`'s value as bytes (layout in lb-bench.rs: len,
+/// step_source, l4_csum_off, pad, data).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InputBytes([u8; INPUT_SIZE]);
+
+// SAFETY: a plain byte array, valid for any bit pattern.
+unsafe impl aya::Pod for InputBytes {}
+
+fn loaded<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(PacketError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| PacketError::ProgramType { name, source }.into())
+}
+
+fn map_error(
+    name: &'static str,
+    operation: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> BenchError {
+    move |source| {
+        PacketError::Map {
+            name,
+            operation,
+            source,
+        }
+        .into()
+    }
+}
+
+/// One test run of `name` with `repeat`: (ns per run, verdict).
+fn test_run(ebpf: &mut Ebpf, name: &'static str, frame: &[u8], repeat: u32) -> Result<(f64, u32)> {
+    let mut out = vec![0u8; 4096];
+    let result = loaded(ebpf, name)?
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| PacketError::TestRun { name, source })?;
+    Ok((result.duration.as_nanos() as f64, result.return_value))
+}
+
+fn set_target(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    let fd = loaded(ebpf, name)?
+        .fd()
+        .map_err(|source| PacketError::LoadProgram { name, source })?
+        .try_clone()
+        .map_err(|error| BenchError::io("duplicating a program fd", error))?;
+    let map = ebpf
+        .map_mut(MAP_BENCH_TARGET)
+        .ok_or(PacketError::MissingMap {
+            name: MAP_BENCH_TARGET,
+        })?;
+    let mut slots = ProgramArray::try_from(map).map_err(map_error(MAP_BENCH_TARGET, "open"))?;
+    slots
+        .set(0, &fd, 0)
+        .map_err(map_error(MAP_BENCH_TARGET, "set"))
+}
+
+/// Calibration rows: the test-run loop with an empty program, the replay
+/// wrapper's own cost, and one hash lookup (a frontend-shaped key in a
+/// hash map), each the difference of two runs in the same round.
+pub fn calibrate(runs: u32, rounds: u32) -> Result<Vec<CalibrationRow>> {
+    let mut ebpf = EbpfLoader::new()
+        .load(lb_agent::EBPF_BENCH_OBJECT)
+        .map_err(PacketError::LoadObject)?;
+    for name in [PROG_BENCH_RUN, PROG_BENCH_EMPTY, PROG_BENCH_LOOKUP] {
+        loaded(&mut ebpf, name)?
+            .load()
+            .map_err(|source| PacketError::LoadProgram { name, source })?;
+    }
+    let frame = Frame::tcp(CLIENT, NO_SERVICE, TCP_ACK)
+        .with_payload(&PAYLOAD)
+        .to_bytes();
+    let mut input = [0u8; INPUT_SIZE];
+    input[..4].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    input[INPUT_HEADER..INPUT_HEADER + frame.len()].copy_from_slice(&frame);
+    {
+        let map = ebpf
+            .map_mut(MAP_BENCH_INPUT)
+            .ok_or(PacketError::MissingMap {
+                name: MAP_BENCH_INPUT,
+            })?;
+        let mut array: Array<_, InputBytes> =
+            Array::try_from(map).map_err(map_error(MAP_BENCH_INPUT, "open"))?;
+        array
+            .set(0, &InputBytes(input), 0)
+            .map_err(map_error(MAP_BENCH_INPUT, "set"))?;
+    }
+    {
+        let map = ebpf
+            .map_mut(MAP_BENCH_LOOKUP)
+            .ok_or(PacketError::MissingMap {
+                name: MAP_BENCH_LOOKUP,
+            })?;
+        let mut lookup: HashMap<_, ServiceKey, ServiceValue> =
+            HashMap::try_from(map).map_err(map_error(MAP_BENCH_LOOKUP, "open"))?;
+        let key = ServiceKey::new(
+            be_addr(&LOOKUP_FRONTEND),
+            be_port(&LOOKUP_FRONTEND),
+            proto::TCP,
+        );
+        let value = ServiceValue {
+            id: 1,
+            backend_count: 1,
+            ..ServiceValue::default()
+        };
+        lookup
+            .insert(&key, &value, 0)
+            .map_err(map_error(MAP_BENCH_LOOKUP, "insert"))?;
+    }
+
+    let mut empty = Vec::new();
+    let mut wrapper = Vec::new();
+    let mut lookup = Vec::new();
+    for _ in 0..rounds {
+        let (bare, verdict) = test_run(&mut ebpf, PROG_BENCH_EMPTY, &frame, runs)?;
+        expect_verdict("empty program", verdict, TC_ACT_OK)?;
+        set_target(&mut ebpf, PROG_BENCH_EMPTY)?;
+        let (wrapped, verdict) = test_run(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
+        expect_verdict("wrapper with the empty program", verdict, TC_ACT_OK)?;
+        set_target(&mut ebpf, PROG_BENCH_LOOKUP)?;
+        // A miss would return TC_ACT_SHOT: the verdict proves the lookup
+        // found its key in every run (the last run's verdict, and every run
+        // takes the same path on the same restored input).
+        let (looked_up, verdict) = test_run(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
+        expect_verdict("wrapper with one hash lookup", verdict, TC_ACT_OK)?;
+        empty.push(bare);
+        wrapper.push(wrapped - bare);
+        lookup.push(looked_up - wrapped);
+    }
+    let summary = |values: &[f64]| Summary::of(values).expect("at least one round");
+    Ok(vec![
+        CalibrationRow {
+            label: "empty program (test-run loop)",
+            ns: summary(&empty),
+        },
+        CalibrationRow {
+            label: "replay wrapper + tail call",
+            ns: summary(&wrapper),
+        },
+        CalibrationRow {
+            label: "one hash lookup",
+            ns: summary(&lookup),
+        },
+    ])
+}
+
+fn expect_verdict(what: &str, verdict: u32, expected: u32) -> Result<()> {
+    if verdict == expected {
+        Ok(())
+    } else {
+        Err(BenchError::check(
+            what,
+            format!("verdict {verdict:#x}, expected {expected:#x}"),
+        ))
+    }
+}
