@@ -96,7 +96,9 @@ fn counters_follow_translated_packets_and_drops() {
     );
 
     // The backend leaves every EndpointSlice: the next packet is reset.
-    datapath.remove_backend(3, &sa(BACKEND), proto::TCP).unwrap();
+    datapath
+        .remove_backend(3, &sa(BACKEND), proto::TCP)
+        .unwrap();
     assert_eq!(datapath.backend(3).unwrap(), Backend::default());
     assert_eq!(datapath.run(&data).unwrap().verdict, TC_ACT_REDIRECT);
     let after = datapath.service_stats(7).unwrap();
