@@ -1045,7 +1045,7 @@ impl<M: MapOps> Writer<M> {
                 let Some(table) = free else {
                     if self.maglev_overflow.insert(id) {
                         warn!(
-                            "{name}: every Maglev table is taken ({MAP_MAGLEV} holds {capacity} of {size} entries; raise --max-maglev-services); choosing backends at random"
+                            "{name}: every Maglev table is taken ({MAP_MAGLEV} holds {capacity} tables of {size} entries); choosing backends at random"
                         );
                     }
                     return Some(None);
