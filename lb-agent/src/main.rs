@@ -105,10 +105,20 @@ struct RunArgs {
     selection: SelectionArg,
 
     /// Entries of a Maglev table: a prime, well above 100 times the
-    /// backends of any Service using Maglev. LB_MAGLEV holds
-    /// 64 tables of this size (4 bytes an entry).
+    /// backends of any Service using Maglev (4 bytes an entry).
     #[arg(long, value_name = "M", default_value_t = defaults::MAGLEV_TABLE_SIZE, value_parser = parse_maglev_table_size)]
     maglev_table_size: u32,
+
+    /// Services that can use Maglev at once: LB_MAGLEV holds this many
+    /// tables (--maglev-table-size entries of 4 bytes each). Services
+    /// beyond it choose backends at random (with a warning).
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_MAGLEV_TABLES, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_maglev_services: u32,
+
+    /// Capacity of LB_AFFINITY: ClientIP session affinities (service,
+    /// client address); the least recently used are forgotten when full.
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_AFFINITIES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_affinities: u32,
 
     /// Log from the datapath (aya-log, target lb_ebpf). Off by default: one
     /// line costs about 100 ns per packet.
@@ -202,6 +212,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             backends: args.max_backends,
             slots: args.max_slots,
             flows: args.max_flows,
+            affinities: args.max_affinities,
+            maglev_tables: args.max_maglev_services,
         },
         config,
         datapath_log: args.datapath_log,

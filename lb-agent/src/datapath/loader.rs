@@ -15,8 +15,8 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttach
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::config::{DatapathConfig, defaults};
 use lb_common::names::{
-    ALL_MAPS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT,
-    MAP_SERVICES, MAP_SLOTS, PROG_TC_POD,
+    ALL_MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS,
+    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, PROG_TC_POD,
 };
 use tracing::{debug, info, warn};
 
@@ -44,6 +44,11 @@ pub struct Capacities {
     pub slots: u32,
     /// Tracked flows (`LB_CONNTRACK` entries).
     pub flows: u32,
+    /// Session affinities (`LB_AFFINITY` entries, LRU).
+    pub affinities: u32,
+    /// Services that can use Maglev at once (`LB_MAGLEV` holds this many
+    /// tables of the configured size, 4 bytes an entry).
+    pub maglev_tables: u32,
 }
 
 impl Default for Capacities {
@@ -53,6 +58,8 @@ impl Default for Capacities {
             backends: defaults::MAX_BACKENDS,
             slots: defaults::MAX_SLOTS,
             flows: defaults::MAX_FLOWS,
+            affinities: defaults::MAX_AFFINITIES,
+            maglev_tables: defaults::MAX_MAGLEV_TABLES,
         }
     }
 }
@@ -298,9 +305,12 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK, capacities.flows)
             // One member per slot.
             .map_max_entries(MAP_MEMBERS, capacities.slots)
+            .map_max_entries(MAP_AFFINITY, capacities.affinities)
             .map_max_entries(
                 MAP_MAGLEV,
-                defaults::MAX_MAGLEV_TABLES * maglev_table_size(&options.config),
+                capacities
+                    .maglev_tables
+                    .saturating_mul(maglev_table_size(&options.config)),
             );
         for (name, path) in &pins {
             // Creates and pins the map, or opens the existing pin after

@@ -77,6 +77,8 @@ pub fn load_options(pin_dir: &Path) -> LoadOptions {
             backends: 64,
             slots: 256,
             flows: 1024,
+            affinities: 1024,
+            maglev_tables: 2,
         },
         config: DatapathConfig::DEFAULT,
     }
