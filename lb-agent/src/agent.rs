@@ -1,24 +1,33 @@
-//! `lb-agent run`: load the datapath, program the initial state, attach,
-//! then apply every change of the source until SIGINT/SIGTERM, and undo it
-//! all on the way out.
+//! `lb-agent run`: load the datapath, wait for the source's initial state
+//! and program it, attach, then apply every change of the source until
+//! SIGINT/SIGTERM, and undo it all on the way out.
+//!
+//! Two sources feed the same translation and the same writer: a directory
+//! of manifests ([`ManifestSource`]) and the Kubernetes API
+//! ([`KubeSource`]).
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lb_common::config::DatapathConfig;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
 use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions};
 use crate::datapath::maps::AyaMaps;
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
+use crate::http::{HealthServer, HttpError, Readiness};
+use crate::metrics::Metrics;
 use crate::model::Selection;
+use crate::source::kube::{self as kube_source, KubeError, KubeOptions, KubeSource};
 use crate::source::manifests::{DirWatcher, ManifestSource, SourceError};
-use crate::translate::{Notice, NoticeLevel};
+use crate::translate::{Notice, NoticeLevel, Scope, Translation};
 
 /// Rescan the directory this often even without an event, in case one was
 /// lost (the directory replaced, say). Unchanged files cost a read.
@@ -27,10 +36,21 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceOptions {
+    /// A directory of manifests, watched.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kube(KubeOptions),
+}
+
 /// Options of `lb-agent run`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub manifests: PathBuf,
+    pub source: SourceOptions,
+    /// The node name and service proxy name translation works for.
+    pub scope: Scope,
     pub attach: Vec<String>,
     pub pin_dir: PathBuf,
     pub keep_pins: bool,
@@ -41,6 +61,8 @@ pub struct RunOptions {
     pub datapath_log: bool,
     /// Backend selection of Services without the `lb.dev/selection` annotation.
     pub selection: Selection,
+    /// Serve `/healthz`, `/readyz` and `/metrics` here.
+    pub health_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +73,10 @@ pub enum AgentError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("reading the datapath maps at start")]
     ReadMaps(#[from] MapReadError),
     #[error("installing the {0} handler")]
@@ -59,35 +85,150 @@ pub enum AgentError {
     DatapathLog(#[source] std::io::Error),
 }
 
+/// The source, ready to be read.
+enum Source {
+    Manifests {
+        source: ManifestSource,
+        dir: PathBuf,
+        watcher: DirWatcher,
+        resync: Interval,
+    },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Waits until the source may have changed.
+    async fn changed(&mut self) {
+        match self {
+            Source::Manifests {
+                dir,
+                watcher,
+                resync,
+                ..
+            } => {
+                tokio::select! {
+                    change = watcher.changed() => {
+                        if change.is_none() || watcher.is_stale() {
+                            renew_watcher(watcher, dir);
+                        }
+                    }
+                    _ = resync.tick() => {
+                        if watcher.is_stale() {
+                            renew_watcher(watcher, dir);
+                        }
+                    }
+                }
+            }
+            Source::Kube(source) => source.changed().await,
+        }
+    }
+
+    /// Reads the source again; whether anything may have changed.
+    fn refresh(&mut self) -> bool {
+        match self {
+            Source::Manifests { source, .. } => match source.scan() {
+                Ok(outcome) => outcome.changed,
+                Err(error) => {
+                    error!("{}; keeping the programmed state", error_chain(&error));
+                    false
+                }
+            },
+            // The reflectors keep the stores current; a wake-up is a change.
+            Source::Kube(_) => true,
+        }
+    }
+
+    fn translate(&self, scope: &Scope) -> Translation {
+        match self {
+            Source::Manifests { source, .. } => source.translate_in(scope),
+            Source::Kube(source) => source.translate(scope),
+        }
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
-    if !options.manifests.is_dir() {
-        return Err(AgentError::NotADirectory(options.manifests.clone()));
-    }
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| AgentError::Signal("SIGINT", e))?;
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| AgentError::Signal("SIGTERM", e))?;
-    // Watch before the first scan, so no change falls between the two.
-    let watcher = DirWatcher::new(&options.manifests)?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+        }
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_capacities(&options.capacities);
+    let readiness = Arc::new(Readiness::default());
+    let health_task = match options.health_addr {
+        Some(addr) => {
+            let server =
+                HealthServer::bind(addr, Arc::clone(&readiness), Arc::clone(&metrics)).await?;
+            info!(addr = %addr, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(server.serve()))
+        }
+        None => None,
+    };
+
+    let source = match &options.source {
+        SourceOptions::Manifests(dir) => {
+            if !dir.is_dir() {
+                return Err(AgentError::NotADirectory(dir.clone()));
+            }
+            // Watch before the first scan, so no change falls between the two.
+            let watcher = DirWatcher::new(dir)?;
+            Source::Manifests {
+                source: ManifestSource::new(dir),
+                dir: dir.clone(),
+                watcher,
+                resync: tokio::time::interval_at(Instant::now() + RESYNC_INTERVAL, RESYNC_INTERVAL),
+            }
+        }
+        SourceOptions::Kube(kube) => {
+            let config = kube_source::client_config(kube).await?;
+            info!(
+                api = %config.cluster_url,
+                node = options.scope.node_name.as_deref().unwrap_or("<none>"),
+                service_proxy_name = options.scope.service_proxy_name.as_deref().unwrap_or("<none>"),
+                "watching the Kubernetes API"
+            );
+            Source::Kube(KubeSource::start(
+                config,
+                &options.scope,
+                Arc::clone(&metrics) as Arc<dyn kube_source::WatchObserver>,
+            )?)
+        }
+    };
 
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: options.pin_dir.clone(),
         capacities: options.capacities,
         config: options.config,
     })?;
-    let result = serve(&options, &mut datapath, watcher, async move {
-        tokio::select! {
-            _ = sigint.recv() => "SIGINT",
-            _ = sigterm.recv() => "SIGTERM",
-        }
-    })
+    let result = serve(
+        &options,
+        &mut datapath,
+        source,
+        Shared { metrics, readiness },
+        stop,
+    )
     .await;
+    if let Some(task) = health_task {
+        task.abort();
+    }
     // Undo even after an error; the caller reports the error itself.
     let shutdown = datapath.shutdown(options.keep_pins);
     result?;
     shutdown?;
     Ok(())
+}
+
+/// What the run loop shares with the HTTP endpoint.
+struct Shared {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
 /// `error: cause: cause`, for one log line.
@@ -116,30 +257,44 @@ fn log_new_notices(previous: &mut BTreeSet<Notice>, notices: Vec<Notice>) {
 
 /// The state of the run loop between events.
 struct Applier {
-    source: ManifestSource,
+    source: Source,
+    scope: Scope,
     writer: Writer<AyaMaps>,
+    metrics: Arc<Metrics>,
     notices: BTreeSet<Notice>,
     /// When to apply again after failed map writes, and the next delay.
     retry: Option<(Instant, Duration)>,
 }
 
 impl Applier {
-    /// Rescans the source; applies if anything changed (or `force`).
+    /// Reads the source again; applies if anything changed (or `force`).
     fn rescan(&mut self, force: bool) -> Option<ApplyReport> {
-        let changed = match self.source.scan() {
-            Ok(outcome) => outcome.changed,
-            Err(error) => {
-                error!("{}; keeping the programmed state", error_chain(&error));
-                false
-            }
-        };
+        let changed = self.source.refresh();
         (changed || force).then(|| self.apply())
     }
 
     fn apply(&mut self) -> ApplyReport {
-        let translation = self.source.translate();
+        let started = std::time::Instant::now();
+        let translation = self.source.translate(&self.scope);
+        let translated = started.elapsed();
         log_new_notices(&mut self.notices, translation.notices);
         let report = self.writer.apply(&translation.state);
+        debug!(
+            translate_ms = translated.as_secs_f64() * 1000.0,
+            write_ms = (started.elapsed() - translated).as_secs_f64() * 1000.0,
+            "sync timing"
+        );
+        self.metrics
+            .record_sync(&report, self.writer.programmed(), started.elapsed());
+        if let Source::Kube(source) = &mut self.source {
+            let now = jiff::Timestamp::now();
+            for trigger in source.new_trigger_times() {
+                let latency = now.duration_since(trigger);
+                if let Ok(latency) = Duration::try_from(latency) {
+                    self.metrics.observe_programming(latency);
+                }
+            }
+        }
         self.retry = if report.failures == 0 {
             None
         } else {
@@ -174,10 +329,18 @@ fn renew_watcher(watcher: &mut DirWatcher, dir: &std::path::Path) {
     }
 }
 
+/// What woke the run loop.
+enum Wakeup {
+    Stop(&'static str),
+    Changed,
+    Retry,
+}
+
 async fn serve(
     options: &RunOptions,
     datapath: &mut Datapath,
-    mut watcher: DirWatcher,
+    source: Source,
+    shared: Shared,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let log_task = if options.datapath_log {
@@ -203,6 +366,32 @@ async fn serve(
     } else {
         None
     };
+    let result = run_loop(options, datapath, source, shared, stop).await;
+    if let Some(task) = log_task {
+        task.abort();
+    }
+    result
+}
+
+async fn run_loop(
+    options: &RunOptions,
+    datapath: &mut Datapath,
+    source: Source,
+    shared: Shared,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), AgentError> {
+    tokio::pin!(stop);
+    // The first programming waits for the complete initial lists, so a
+    // starting agent never programs half of a Service.
+    if let Source::Kube(kube) = &source {
+        tokio::select! {
+            reason = &mut stop => {
+                info!("{reason} received before the initial lists completed: shutting down");
+                return Ok(());
+            }
+            synced = kube.wait_synced() => synced?,
+        }
+    }
 
     let maps = datapath.take_maps()?;
     let mut writer = if datapath.reused_pins().is_empty() {
@@ -212,53 +401,55 @@ async fn serve(
     };
     writer.set_selection(options.selection, datapath.maglev_table_size());
     let mut applier = Applier {
-        source: ManifestSource::new(&options.manifests),
+        source,
+        scope: options.scope.clone(),
         writer,
+        metrics: shared.metrics,
         notices: BTreeSet::new(),
         retry: None,
     };
     // Program the maps before attaching, so the first packet already sees
     // every service.
+    let started = std::time::Instant::now();
     let report = applier.rescan(true).unwrap_or_default();
+    let programmed_in = started.elapsed();
     for iface in &options.attach {
         datapath.attach(iface)?;
     }
+    shared.readiness.set_ready();
     info!(
         frontends = report.frontends,
         service_ports = report.service_ports,
         backends = report.backends,
         writes = report.writes,
-        "programmed {} services ({} frontends), {} backends; attached to {}",
+        programmed_in_ms = programmed_in.as_secs_f64() * 1000.0,
+        "programmed {} services ({} frontends), {} backends in {programmed_in:.1?}; attached to {}",
         report.service_ports,
         report.frontends,
         report.backends,
-        options.attach.join(", ")
+        if options.attach.is_empty() {
+            "no interface".to_owned()
+        } else {
+            options.attach.join(", ")
+        }
     );
 
-    let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_INTERVAL, RESYNC_INTERVAL);
-    tokio::pin!(stop);
     let reason = loop {
         let retry_at = applier.retry.map(|(at, _)| at);
-        let report = tokio::select! {
-            reason = &mut stop => break reason,
-            change = watcher.changed() => {
-                if change.is_none() || watcher.is_stale() {
-                    renew_watcher(&mut watcher, &options.manifests);
-                }
-                applier.rescan(false)
-            }
-            _ = resync.tick() => {
-                if watcher.is_stale() {
-                    renew_watcher(&mut watcher, &options.manifests);
-                }
-                applier.rescan(false)
-            }
+        let wakeup = tokio::select! {
+            reason = &mut stop => Wakeup::Stop(reason),
+            () = applier.source.changed() => Wakeup::Changed,
             () = async {
                 match retry_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            } => Some(applier.apply()),
+            } => Wakeup::Retry,
+        };
+        let report = match wakeup {
+            Wakeup::Stop(reason) => break reason,
+            Wakeup::Changed => applier.rescan(false),
+            Wakeup::Retry => Some(applier.apply()),
         };
         if let Some(report) = report
             && (report.writes > 0 || report.failures > 0)
@@ -278,8 +469,5 @@ async fn serve(
         }
     };
     info!("{reason} received: shutting down");
-    if let Some(task) = log_task {
-        task.abort();
-    }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The agent: sources (manifests, later the Kubernetes API) produce one
+//! The agent: sources (manifests, the Kubernetes API) produce one
 //! desired-state model; one module writes it into the BPF maps as diffs.
 //!
 //! - [`source`] reads Services and EndpointSlices from where they live.
@@ -7,11 +7,14 @@
 //! - [`datapath::loader`] loads, sizes, attaches and pins the datapath;
 //!   [`datapath::writer`] is the only writer of its maps.
 //! - [`inspect`] reads the pinned maps of a running agent.
+//! - [`http`] serves `/healthz`, `/readyz` and [`metrics`].
 //! - [`agent`] runs it all: initial load, watch, apply, shutdown.
 
 pub mod agent;
 pub mod datapath;
+pub mod http;
 pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod translate;

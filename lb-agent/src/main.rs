@@ -1,15 +1,18 @@
 //! `lb-agent`: the command line. Everything it runs lives in the library.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lb_agent::agent::{self, RunOptions};
+use lb_agent::agent::{self, RunOptions, SourceOptions};
 use lb_agent::datapath::loader::Capacities;
 use lb_agent::inspect;
 use lb_agent::model::Selection;
+use lb_agent::source::kube::KubeOptions;
+use lb_agent::translate::Scope;
 use lb_common::config::{CONFIG_F_LOG, DatapathConfig, defaults};
 use lb_common::names::DEFAULT_PIN_DIR;
 use tracing_subscriber::EnvFilter;
@@ -37,9 +40,10 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Load the datapath, attach it and program it from a manifest
-    /// directory, following every change until SIGINT/SIGTERM; then detach
-    /// and remove the pinned maps (unless --keep-pins).
+    /// Load the datapath, attach it and program it from the Kubernetes API
+    /// (or a manifest directory), following every change until
+    /// SIGINT/SIGTERM; then detach and remove the pinned maps (unless
+    /// --keep-pins).
     Run(RunArgs),
     /// Print the state of a running agent, read from its pinned maps.
     Inspect(InspectArgs),
@@ -49,10 +53,32 @@ enum Command {
 struct RunArgs {
     /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml,
     /// *.json; multi-document YAML, JSON arrays, kind: List). Watched: a
-    /// change reaches the maps within a fraction of a second. Required
-    /// for now; without it the agent will later read the Kubernetes API.
-    #[arg(long, value_name = "DIR")]
+    /// change reaches the maps within a fraction of a second. Without it,
+    /// the agent watches the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+
+    /// Kubeconfig to reach the Kubernetes API with. Without it (and without
+    /// --manifests): the file named by KUBECONFIG, else the in-cluster
+    /// configuration of a Pod.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+
+    /// This node's name: its Node is watched, and internalTrafficPolicy
+    /// Local keeps the endpoints whose nodeName it is.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Serve only Services labelled service.kubernetes.io/service-proxy-name
+    /// with this value (by default, only Services without that label).
+    #[arg(long, value_name = "NAME")]
+    service_proxy_name: Option<String>,
+
+    /// Address of the HTTP endpoint with /healthz, /readyz (ready once the
+    /// initial state is programmed and the datapath attached) and
+    /// /metrics (Prometheus). None by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    health_addr: Option<SocketAddr>,
 
     /// Pod-facing interface (the node's end of a pod's veth) to attach the
     /// datapath to, at tcx ingress. Repeat for every pod.
@@ -186,11 +212,15 @@ fn init_logging(format: LogFormat, datapath_log: bool) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(manifests) = args.manifests else {
-        bail!(
-            "--manifests DIR is required: reading Services and EndpointSlices from the \
-             Kubernetes API is not implemented yet"
-        );
+    let source = match args.manifests {
+        Some(dir) => SourceOptions::Manifests(dir),
+        None => SourceOptions::Kube(KubeOptions {
+            kubeconfig: args.kubeconfig,
+        }),
+    };
+    let scope = Scope {
+        node_name: args.node_name.filter(|name| !name.is_empty()),
+        service_proxy_name: args.service_proxy_name.filter(|name| !name.is_empty()),
     };
     let mut config = DatapathConfig {
         tcp_timeout: args.tcp_timeout,
@@ -203,7 +233,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config.flags |= CONFIG_F_LOG;
     }
     let options = RunOptions {
-        manifests,
+        source,
+        scope,
+        health_addr: args.health_addr,
         attach: args.attach,
         pin_dir: args.pin_dir,
         keep_pins: args.keep_pins,

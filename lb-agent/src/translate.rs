@@ -25,6 +25,15 @@
 //!   still listed (its flows keep working) but gets no new connection.
 //!   As kube-proxy does, when a service port has no ready endpoint at all,
 //!   its serving-and-terminating endpoints take new connections instead.
+//! - `internalTrafficPolicy: Local` keeps only the endpoints whose
+//!   `nodeName` is this node ([`Scope::node_name`]) for new connections
+//!   (the fallback above applies among them); the others stay listed as not
+//!   ready, so flows already open to them keep working. With no local
+//!   endpoint, new connections are refused.
+//! - With a [`Scope::service_proxy_name`], only objects labelled
+//!   `service.kubernetes.io/service-proxy-name` with that value are proxied
+//!   (and unlabelled ones are not), as a kube-proxy started with that
+//!   label selector would.
 //!
 //! [`validate_service`] and [`validate_endpoint_slice`] reject objects that
 //! make no sense (the checks the API server would have made for the fields
@@ -56,6 +65,33 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const ANNOTATION_SELECTION: &str = "lb.dev/selection";
 /// Namespace of an object that names none (as `kubectl apply` assumes).
 pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Who translates: the node the agent runs on and the proxy name it serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// This node's name, for `internalTrafficPolicy: Local`.
+    pub node_name: Option<String>,
+    /// Serve only objects labelled `service.kubernetes.io/service-proxy-name`
+    /// with this value; `None`: only objects without that label.
+    pub service_proxy_name: Option<String>,
+}
+
+impl Scope {
+    /// Why an object with these labels is not ours, if it is not.
+    fn foreign_proxy(&self, meta: &ObjectMeta) -> Option<String> {
+        match (
+            label(meta, LABEL_SERVICE_PROXY_NAME),
+            &self.service_proxy_name,
+        ) {
+            (None, None) => None,
+            (Some(theirs), Some(ours)) if theirs == ours => None,
+            (Some(theirs), _) => Some(format!("labelled {LABEL_SERVICE_PROXY_NAME}={theirs}")),
+            (None, Some(ours)) => Some(format!(
+                "not labelled {LABEL_SERVICE_PROXY_NAME}={ours} (--service-proxy-name)"
+            )),
+        }
+    }
+}
 
 /// The kinds of object the agent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -345,10 +381,21 @@ pub struct Translation {
     pub notices: Vec<Notice>,
 }
 
-/// Translates sets of Services and EndpointSlices into the desired state.
-/// Deterministic: the order of the input does not matter. An object that
-/// fails validation is skipped with a warning notice.
+/// Translates sets of Services and EndpointSlices into the desired state,
+/// for an agent with the default [`Scope`] (no node name, no proxy name).
 pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Translation {
+    translate_in(&Scope::default(), services, slices)
+}
+
+/// Translates sets of Services and EndpointSlices into the desired state of
+/// the agent `scope` describes. Deterministic: the order of the input does
+/// not matter. An object that fails validation is skipped with a warning
+/// notice.
+pub fn translate_in<'a>(
+    scope: &Scope,
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
 ) -> Translation {
@@ -371,12 +418,8 @@ pub fn translate<'a>(
             notice(NoticeLevel::Warn, object, format!("ignored: {error}"));
             continue;
         }
-        if let Some(proxy) = label(&slice.metadata, LABEL_SERVICE_PROXY_NAME) {
-            notice(
-                NoticeLevel::Debug,
-                object,
-                format!("ignored: labelled {LABEL_SERVICE_PROXY_NAME}={proxy}"),
-            );
+        if let Some(reason) = scope.foreign_proxy(&slice.metadata) {
+            notice(NoticeLevel::Debug, object, format!("ignored: {reason}"));
             continue;
         }
         if label(&slice.metadata, LABEL_HEADLESS).is_some() {
@@ -438,6 +481,7 @@ pub fn translate<'a>(
             .map(|by_name| by_name.values().copied().collect::<Vec<_>>())
             .unwrap_or_default();
         translate_service(
+            scope,
             &object,
             service,
             &slices,
@@ -451,6 +495,7 @@ pub fn translate<'a>(
 }
 
 fn translate_service(
+    scope: &Scope,
     object: &ObjectRef,
     service: &Service,
     slices: &[&EndpointSlice],
@@ -460,11 +505,11 @@ fn translate_service(
     let Some(spec) = &service.spec else {
         return;
     };
-    if let Some(proxy) = label(&service.metadata, LABEL_SERVICE_PROXY_NAME) {
+    if let Some(reason) = scope.foreign_proxy(&service.metadata) {
         notice(
             NoticeLevel::Debug,
             object.clone(),
-            format!("not proxied: labelled {LABEL_SERVICE_PROXY_NAME}={proxy}"),
+            format!("not proxied: {reason}"),
         );
         return;
     }
@@ -515,6 +560,21 @@ fn translate_service(
         return;
     }
 
+    let locality = match spec.internal_traffic_policy.as_deref() {
+        Some("Local") => {
+            if scope.node_name.is_none() {
+                notice(
+                    NoticeLevel::Warn,
+                    object.clone(),
+                    "internalTrafficPolicy Local without a node name (--node-name): \
+                     no endpoint is local, new connections are refused"
+                        .into(),
+                );
+            }
+            Locality::Node(scope.node_name.as_deref())
+        }
+        _ => Locality::Cluster,
+    };
     let affinity_timeout = affinity_timeout(spec);
     let selection = match selection(&service.metadata) {
         Ok(selection) => selection,
@@ -544,7 +604,7 @@ fn translate_service(
                 proto,
             })
             .collect();
-        let backends = backends_of(&port_name, proto, slices);
+        let backends = backends_of(&port_name, proto, slices, locality);
         let name = ServicePortName {
             namespace: object.namespace.clone(),
             name: object.name.clone(),
@@ -561,6 +621,24 @@ fn translate_service(
             },
         ) {
             notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
+        }
+    }
+}
+
+/// Which endpoints may take new connections (`internalTrafficPolicy`).
+#[derive(Clone, Copy, Debug)]
+enum Locality<'a> {
+    /// Every endpoint.
+    Cluster,
+    /// Only endpoints on this node (none when the node name is unknown).
+    Node(Option<&'a str>),
+}
+
+impl Locality<'_> {
+    fn admits(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Locality::Cluster => true,
+            Locality::Node(node) => node.is_some() && endpoint.node_name.as_deref() == node,
         }
     }
 }
@@ -629,6 +707,7 @@ fn backends_of(
     port_name: &str,
     proto: Protocol,
     slices: &[&EndpointSlice],
+    locality: Locality,
 ) -> BTreeMap<SocketAddrV4, Readiness> {
     let mut endpoints: BTreeMap<SocketAddrV4, Conditions> = BTreeMap::new();
     for slice in slices {
@@ -655,11 +734,13 @@ fn backends_of(
                 continue;
             };
             let conditions = Conditions::of(endpoint);
+            // An endpoint the locality excludes stays listed, not ready.
+            let eligible = locality.admits(endpoint);
             let merged = endpoints
                 .entry(SocketAddrV4::new(addr, target_port))
                 .or_default();
-            merged.ready |= conditions.ready;
-            merged.serving_terminating |= conditions.serving_terminating;
+            merged.ready |= conditions.ready && eligible;
+            merged.serving_terminating |= conditions.serving_terminating && eligible;
         }
     }
     // kube-proxy: with no ready endpoint, serving terminating endpoints
@@ -1236,5 +1317,115 @@ spec: {clusterIP: 198.18.100.10, ports: [{port: 80}]}
             "{:?}",
             translation.notices
         );
+    }
+
+    const LOCAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local}
+spec:
+  clusterIP: 198.18.100.20
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80}]
+"#;
+
+    const LOCAL_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-1
+  labels: {kubernetes.io/service-name: local}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [198.18.0.10], nodeName: here}
+- {addresses: [198.18.0.11], nodeName: there}
+- {addresses: [198.18.0.12], nodeName: here, conditions: {ready: false, serving: true, terminating: true}}
+"#;
+
+    fn scoped(node: Option<&str>, proxy: Option<&str>) -> Scope {
+        Scope {
+            node_name: node.map(str::to_owned),
+            service_proxy_name: proxy.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let services = [service(LOCAL)];
+        let slices = [slice(LOCAL_SLICE)];
+        let backends = |scope: &Scope| {
+            translate_in(scope, &services, &slices)
+                .state
+                .service(&name("local", "http", Protocol::Tcp))
+                .unwrap()
+                .backends
+                .clone()
+        };
+        // The remote endpoint stays listed (its flows live on), not ready.
+        assert_eq!(
+            backends(&scoped(Some("here"), None)),
+            BTreeMap::from([
+                (addr("198.18.0.10:8080"), Readiness::Ready),
+                (addr("198.18.0.11:8080"), Readiness::NotReady),
+                (addr("198.18.0.12:8080"), Readiness::NotReady),
+            ])
+        );
+        // No ready local endpoint: the local serving terminating one takes
+        // new connections, never the remote ready one.
+        let no_ready_local = LOCAL_SLICE.replace(
+            "- {addresses: [198.18.0.10], nodeName: here}",
+            "- {addresses: [198.18.0.10], nodeName: there}",
+        );
+        let slices = [slice(&no_ready_local)];
+        let state = translate_in(&scoped(Some("here"), None), &services, &slices).state;
+        let port = state
+            .service(&name("local", "http", Protocol::Tcp))
+            .unwrap();
+        assert_eq!(
+            port.ready_backends().collect::<Vec<_>>(),
+            [addr("198.18.0.12:8080")]
+        );
+        // Not on this node at all, or no node name: nothing takes new
+        // connections (they are refused); a warning without a node name.
+        assert_eq!(
+            backends(&scoped(Some("elsewhere"), None))
+                .values()
+                .filter(|r| r.is_ready())
+                .count(),
+            0
+        );
+        let unnamed = translate_in(&Scope::default(), &services, &[slice(LOCAL_SLICE)]);
+        assert!(
+            unnamed
+                .notices
+                .iter()
+                .any(|n| n.level == NoticeLevel::Warn && n.message.contains("--node-name")),
+            "{:?}",
+            unnamed.notices
+        );
+    }
+
+    #[test]
+    fn service_proxy_name_selects_labelled_objects() {
+        let labelled = |value: &str| {
+            WEB.replace(
+                "metadata: {name: web}",
+                &format!(
+                    "metadata: {{name: web, labels: {{service.kubernetes.io/service-proxy-name: {value}}}}}"
+                ),
+            )
+        };
+        let services_of = |yaml: &str, proxy: Option<&str>| {
+            translate_in(&scoped(None, proxy), &[service(yaml)], &[])
+                .state
+                .services()
+                .len()
+        };
+        assert_eq!(services_of(WEB, None), 2);
+        assert_eq!(services_of(&labelled("lb"), None), 0);
+        assert_eq!(services_of(WEB, Some("lb")), 0);
+        assert_eq!(services_of(&labelled("lb"), Some("lb")), 2);
+        assert_eq!(services_of(&labelled("other"), Some("lb")), 0);
     }
 }

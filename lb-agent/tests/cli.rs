@@ -21,12 +21,49 @@ fn stderr(output: &Output) -> String {
 }
 
 #[test]
-fn run_without_manifests_says_why() {
-    let output = agent(&["run", "--attach", "lbt-none"]);
+fn run_outside_a_cluster_without_a_kubeconfig_says_why() {
+    let output = Command::new(AGENT)
+        .args(["run", "--attach", "lbt-none"])
+        .env_remove("RUST_LOG")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .expect("running lb-agent");
     assert!(!output.status.success());
     let message = stderr(&output);
-    assert!(message.contains("--manifests DIR is required"), "{message}");
-    assert!(message.contains("Kubernetes API"), "{message}");
+    assert!(message.contains("in-cluster configuration"), "{message}");
+    assert!(message.contains("--kubeconfig"), "{message}");
+}
+
+#[test]
+fn run_with_a_missing_kubeconfig_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-kubeconfig");
+    let output = agent(&[
+        "run",
+        "--attach",
+        "lbt-none",
+        "--kubeconfig",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("no-such-kubeconfig"), "{message}");
+}
+
+#[test]
+fn manifests_and_kubeconfig_exclude_each_other() {
+    let output = agent(&[
+        "run",
+        "--attach",
+        "lbt-none",
+        "--manifests",
+        "/tmp",
+        "--kubeconfig",
+        "/tmp/k",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
 
 #[test]
@@ -42,6 +79,11 @@ fn run_help_documents_every_option() {
     let help = stdout(&agent(&["run", "--help"]));
     for option in [
         "--manifests",
+        "--kubeconfig",
+        "--node-name",
+        "NODE_NAME",
+        "--service-proxy-name",
+        "--health-addr",
         "--attach",
         "--pin-dir",
         "--keep-pins",

@@ -1,7 +1,7 @@
 //! The agent under test: `lb-agent run` inside a node's network namespace,
 //! and waits on what it programmed, read back from its pinned maps.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::net::SocketAddrV4;
 use std::os::unix::process::CommandExt;
@@ -60,6 +60,22 @@ impl Agent {
     /// pinned and its program is attached to every interface of `attach`.
     /// Its stdout and stderr go to a log file.
     pub fn start(node: &Node, manifests: &Path, attach: &[&str], pin_dir: PinDir) -> Result<Self> {
+        Self::start_with(
+            node,
+            &[OsStr::new("--manifests"), manifests.as_os_str()],
+            attach,
+            pin_dir,
+        )
+    }
+
+    /// As [`Agent::start`], with `source_args` (say `--kubeconfig K
+    /// --node-name N`) in place of `--manifests DIR`.
+    pub fn start_with(
+        node: &Node,
+        source_args: &[&OsStr],
+        attach: &[&str],
+        pin_dir: PinDir,
+    ) -> Result<Self> {
         let binary = agent_binary()?;
         let pin_name = pin_dir
             .path()
@@ -90,8 +106,7 @@ impl Agent {
         }
         command
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source_args)
             .arg("--pin-dir")
             .arg(pin_dir.path());
         for iface in attach {

@@ -37,7 +37,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::translate::{self, DEFAULT_NAMESPACE, InvalidField, Kind, ObjectRef, Translation};
+use crate::translate::{
+    self, DEFAULT_NAMESPACE, InvalidField, Kind, ObjectRef, Scope, Translation,
+};
 
 /// A change is applied once the directory has been quiet this long.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -495,8 +497,13 @@ impl ManifestSource {
         objects
     }
 
-    /// Translates the current objects.
+    /// Translates the current objects with the default scope.
     pub fn translate(&self) -> Translation {
+        self.translate_in(&Scope::default())
+    }
+
+    /// Translates the current objects for the agent `scope` describes.
+    pub fn translate_in(&self, scope: &Scope) -> Translation {
         let objects = self.objects();
         let services = objects.values().filter_map(|object| match object {
             Object::Service(service) => Some(service.as_ref()),
@@ -506,7 +513,7 @@ impl ManifestSource {
             Object::EndpointSlice(slice) => Some(slice.as_ref()),
             Object::Service(_) => None,
         });
-        translate::translate(services, slices)
+        translate::translate_in(scope, services, slices)
     }
 }
 

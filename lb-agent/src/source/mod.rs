@@ -2,4 +2,5 @@
 //! sets of `k8s-openapi` objects; [`crate::translate`] turns them into the
 //! desired state the same way for all of them.
 
+pub mod kube;
 pub mod manifests;
