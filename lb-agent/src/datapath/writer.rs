@@ -2139,4 +2139,23 @@ mod tests {
         assert_eq!(db_id, web_id + MAX_SERVICE_STATS + 1);
         assert_ne!(db_id % MAX_SERVICE_STATS, web_id % MAX_SERVICE_STATS);
     }
+
+    #[test]
+    fn maglev_tables_agree_across_nodes_whatever_their_backend_ids() {
+        let web = frontend(1, 80);
+        let pods: Vec<(u8, bool)> = (10..20).map(|last| (last, true)).collect();
+        let maglev = |desired| with_options(desired, "web", web, None, Some(Selection::Maglev));
+        let mut node_a = writer();
+        node_a.apply(&maglev(state(&[("web", web, &pods)])));
+        // Node B saw other backends first: its ids for the same pods differ.
+        let mut node_b = writer();
+        let db = frontend(2, 5432);
+        node_b.apply(&state(&[("db", db, &[(30, true), (31, true), (32, true)])]));
+        node_b.apply(&maglev(state(&[
+            ("web", web, &pods),
+            ("db", db, &[(30, true), (31, true), (32, true)]),
+        ])));
+        assert_ne!(backend_id(&node_a, 10), backend_id(&node_b, 10));
+        assert_eq!(maglev_table(&node_a, web), maglev_table(&node_b, web));
+    }
 }
