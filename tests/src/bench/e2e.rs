@@ -6,7 +6,8 @@
 //!
 //! Each way gets a testbed of its own (one node namespace, a client pod and
 //! three backend pods), built side by side; each round measures every way
-//! in turn, so ratios compare figures taken moments apart.
+//! in turn, in [`BATCHES`] slices, so ratios compare figures taken moments
+//! apart.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -28,6 +29,9 @@ const UDP_PORT: u16 = 53;
 const CLUSTER_CIDR: &str = "198.18.0.0/16";
 /// Exchanges before the first round (neighbour entries, lazy setup).
 const WARM_UP: usize = 20;
+/// Each round runs every way this many times in turn, a slice of the
+/// round's work each time.
+const BATCHES: usize = 10;
 /// Manifest files hold this many Services each.
 const SERVICES_PER_FILE: usize = 1_000;
 
@@ -203,30 +207,66 @@ fn build(way: Way, services: u32) -> Result<Setup> {
     })
 }
 
-/// One round's raw figures of one way.
+/// What one way measured in one round.
+#[derive(Default)]
 struct Round {
-    tcp_p50: f64,
-    tcp_p99: f64,
-    rate: f64,
-    udp_p50: f64,
-    udp_p99: f64,
+    tcp: Vec<Duration>,
+    udp: Vec<Duration>,
+    connections: usize,
+    connecting: Duration,
 }
 
-fn round(setup: &Setup, requests: usize, connections: usize, bound: Duration) -> Result<Round> {
+impl Round {
+    fn tcp_p50_p99(&self) -> (f64, f64) {
+        p50_p99_us(&self.tcp)
+    }
+
+    fn udp_p50_p99(&self) -> (f64, f64) {
+        p50_p99_us(&self.udp)
+    }
+
+    fn rate(&self) -> f64 {
+        self.connections as f64 / self.connecting.as_secs_f64()
+    }
+}
+
+/// One batch of one way into `round`: `requests` TCP exchanges on a new
+/// connection, up to `connections` connections (bounded by `bound`), and
+/// `requests` UDP exchanges.
+fn batch(
+    setup: &Setup,
+    requests: usize,
+    connections: usize,
+    bound: Duration,
+    round: &mut Round,
+) -> Result<()> {
     let client = setup.cluster.client();
     let (tcp, udp, expect) = (setup.tcp, setup.udp, &setup.expect);
-    let tcp_latencies = client.run(|| load::tcp_latency(tcp, requests, expect))??;
-    let rate = client.run(|| load::connection_rate(tcp, connections, bound, expect))??;
-    let udp_latencies = client.run(|| load::udp_latency(udp, requests, expect))??;
-    let (tcp_p50, tcp_p99) = p50_p99_us(&tcp_latencies);
-    let (udp_p50, udp_p99) = p50_p99_us(&udp_latencies);
-    Ok(Round {
-        tcp_p50,
-        tcp_p99,
-        rate,
-        udp_p50,
-        udp_p99,
-    })
+    round
+        .tcp
+        .extend(client.run(|| load::tcp_latency(tcp, requests, expect))??);
+    let (made, elapsed) = client.run(|| load::connections(tcp, connections, bound, expect))??;
+    round.connections += made;
+    round.connecting += elapsed;
+    round
+        .udp
+        .extend(client.run(|| load::udp_latency(udp, requests, expect))??);
+    Ok(())
+}
+
+/// One round: every way in turn, [`BATCHES`] times, so a burst of noise
+/// from elsewhere on the machine lands on every way alike.
+fn round(setups: &[Setup], plan: &Plan) -> Result<Vec<Round>> {
+    let mut rounds: Vec<Round> = setups.iter().map(|_| Round::default()).collect();
+    let requests = plan.e2e_requests.div_ceil(BATCHES);
+    let connections = plan.e2e_connections.div_ceil(BATCHES);
+    let bound = plan.e2e_time_bound / BATCHES as u32;
+    for _ in 0..BATCHES {
+        for (setup, round) in setups.iter().zip(&mut rounds) {
+            batch(setup, requests, connections, bound, round)?;
+        }
+    }
+    Ok(rounds)
 }
 
 fn version(setup: &Setup, program: &str) -> String {
@@ -249,7 +289,13 @@ pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<E2eResul
             .map(|&way| build(way, services))
             .collect::<Result<Vec<_>>>()?;
         for setup in &setups {
-            round(setup, WARM_UP, WARM_UP, plan.e2e_time_bound)?;
+            batch(
+                setup,
+                WARM_UP,
+                WARM_UP,
+                plan.e2e_time_bound,
+                &mut Round::default(),
+            )?;
             match setup.way {
                 Way::Iptables => iptables_version = version(setup, "iptables"),
                 Way::Nftables => nft_version = version(setup, "nft"),
@@ -263,13 +309,8 @@ pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<E2eResul
                 n + 1,
                 plan.e2e_rounds
             ));
-            for (setup, figures) in setups.iter().zip(&mut rounds) {
-                figures.push(round(
-                    setup,
-                    plan.e2e_requests,
-                    plan.e2e_connections,
-                    plan.e2e_time_bound,
-                )?);
+            for (figures, measured) in rounds.iter_mut().zip(round(&setups, plan)?) {
+                figures.push(measured);
             }
         }
         let index = |way: Way| Way::ALL.iter().position(|w| *w == way).expect("every way");
@@ -282,18 +323,18 @@ pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<E2eResul
                 let ratios: Vec<f64> = figures
                     .iter()
                     .zip(base)
-                    .map(|(mine, theirs)| mine.rate / theirs.rate)
+                    .map(|(mine, theirs)| mine.rate() / theirs.rate())
                     .collect();
                 Summary::of(&ratios).expect("rounds")
             };
             rows.push(E2eRow {
                 way: setup.way,
                 services,
-                tcp_p50_us: summary(&|r| r.tcp_p50),
-                tcp_p99_us: summary(&|r| r.tcp_p99),
-                connections_per_s: summary(&|r| r.rate),
-                udp_p50_us: summary(&|r| r.udp_p50),
-                udp_p99_us: summary(&|r| r.udp_p99),
+                tcp_p50_us: summary(&|r| r.tcp_p50_p99().0),
+                tcp_p99_us: summary(&|r| r.tcp_p50_p99().1),
+                connections_per_s: summary(&|r| r.rate()),
+                udp_p50_us: summary(&|r| r.udp_p50_p99().0),
+                udp_p99_us: summary(&|r| r.udp_p50_p99().1),
                 connections_vs_direct: ratio_to(Way::Direct),
                 connections_vs_iptables: ratio_to(Way::Iptables),
             });

@@ -117,14 +117,15 @@ pub fn tcp_latency(
     Ok(latencies)
 }
 
-/// New connections per second: connect, one exchange, close, back to back,
-/// until `count` connections or `bound` has passed (at least one).
-pub fn connection_rate(
+/// New connections: connect, one exchange, close, back to back, until
+/// `count` connections or `bound` has passed (at least one). Returns how
+/// many were made and how long they took.
+pub fn connections(
     destination: SocketAddrV4,
     count: usize,
     bound: Duration,
     expect: &Expect,
-) -> Result<f64> {
+) -> Result<(usize, Duration)> {
     let start = Instant::now();
     let mut done = 0usize;
     let mut line = String::new();
@@ -141,7 +142,7 @@ pub fn connection_rate(
         drop(writer);
         done += 1;
     }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+    Ok((done, start.elapsed()))
 }
 
 /// Latency of `requests` UDP request/response exchanges from one
