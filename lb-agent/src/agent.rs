@@ -6,7 +6,7 @@
 //! of manifests ([`ManifestSource`]) and the Kubernetes API
 //! ([`KubeSource`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +35,8 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// First retry of a failed map write; doubled up to [`MAX_RETRY`].
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often `--attach-veths` looks for new and vanished veths.
+pub const VETH_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
@@ -52,6 +54,9 @@ pub struct RunOptions {
     /// The node name and service proxy name translation works for.
     pub scope: Scope,
     pub attach: Vec<String>,
+    /// Also attach to every veth of the network namespace, following pods
+    /// as they come and go.
+    pub attach_veths: bool,
     pub pin_dir: PathBuf,
     pub keep_pins: bool,
     pub capacities: Capacities,
@@ -162,16 +167,6 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacities(&options.capacities);
     let readiness = Arc::new(Readiness::default());
-    let health_task = match options.health_addr {
-        Some(addr) => {
-            let server =
-                HealthServer::bind(addr, Arc::clone(&readiness), Arc::clone(&metrics)).await?;
-            info!(addr = %addr, "serving /healthz, /readyz and /metrics");
-            Some(tokio::spawn(server.serve()))
-        }
-        None => None,
-    };
-
     let source = match &options.source {
         SourceOptions::Manifests(dir) => {
             if !dir.is_dir() {
@@ -200,6 +195,18 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
                 Arc::clone(&metrics) as Arc<dyn kube_source::WatchObserver>,
             )?)
         }
+    };
+
+    // After the source, so a configuration error stops the agent before it
+    // binds anything.
+    let health_task = match options.health_addr {
+        Some(addr) => {
+            let server =
+                HealthServer::bind(addr, Arc::clone(&readiness), Arc::clone(&metrics)).await?;
+            info!(addr = %addr, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(server.serve()))
+        }
+        None => None,
     };
 
     let mut datapath = Datapath::load(&LoadOptions {
@@ -334,6 +341,56 @@ enum Wakeup {
     Stop(&'static str),
     Changed,
     Retry,
+    ScanVeths,
+}
+
+/// Attaches to the veths that appeared since the last call and detaches
+/// from those that went (a pod deleted; or replaced: same name, new
+/// ifindex). `attached` holds the veths attached this way, with their
+/// ifindex; `explicit` are the `--attach` interfaces, left alone.
+fn follow_veths(
+    datapath: &mut Datapath,
+    attached: &mut BTreeMap<String, u32>,
+    explicit: &[String],
+) {
+    let current = match crate::veths::veths() {
+        Ok(current) => current,
+        Err(error) => {
+            warn!("listing veths: {error}; trying again in {VETH_SCAN_INTERVAL:?}");
+            return;
+        }
+    };
+    let gone: Vec<String> = attached
+        .iter()
+        .filter(|(name, index)| current.get(*name) != Some(index))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in gone {
+        attached.remove(&name);
+        match datapath.detach(&name) {
+            Ok(()) => info!(iface = name.as_str(), "veth gone"),
+            Err(error) => debug!(
+                iface = name.as_str(),
+                "veth gone; releasing its link: {}",
+                error_chain(&error)
+            ),
+        }
+    }
+    for (name, index) in current {
+        if attached.contains_key(&name) || explicit.contains(&name) {
+            continue;
+        }
+        match datapath.attach(&name) {
+            Ok(()) => {
+                attached.insert(name, index);
+            }
+            Err(error) => warn!(
+                iface = name.as_str(),
+                "{}; trying again in {VETH_SCAN_INTERVAL:?}",
+                error_chain(&error)
+            ),
+        }
+    }
 }
 
 async fn serve(
@@ -416,6 +473,10 @@ async fn run_loop(
     for iface in &options.attach {
         datapath.attach(iface)?;
     }
+    let mut veths = BTreeMap::new();
+    if options.attach_veths {
+        follow_veths(datapath, &mut veths, &options.attach);
+    }
     shared.readiness.set_ready();
     info!(
         frontends = report.frontends,
@@ -427,12 +488,18 @@ async fn run_loop(
         report.service_ports,
         report.frontends,
         report.backends,
-        if options.attach.is_empty() {
-            "no interface".to_owned()
-        } else {
-            options.attach.join(", ")
+        {
+            let ifaces: Vec<&str> = datapath.attached().collect();
+            if ifaces.is_empty() {
+                "no interface yet".to_owned()
+            } else {
+                ifaces.join(", ")
+            }
         }
     );
+
+    let mut veth_scan =
+        tokio::time::interval_at(Instant::now() + VETH_SCAN_INTERVAL, VETH_SCAN_INTERVAL);
 
     let reason = loop {
         let retry_at = applier.retry.map(|(at, _)| at);
@@ -445,11 +512,16 @@ async fn run_loop(
                     None => std::future::pending().await,
                 }
             } => Wakeup::Retry,
+            _ = veth_scan.tick(), if options.attach_veths => Wakeup::ScanVeths,
         };
         let report = match wakeup {
             Wakeup::Stop(reason) => break reason,
             Wakeup::Changed => applier.rescan(false),
             Wakeup::Retry => Some(applier.apply()),
+            Wakeup::ScanVeths => {
+                follow_veths(datapath, &mut veths, &options.attach);
+                None
+            }
         };
         if let Some(report) = report
             && (report.writes > 0 || report.failures > 0)

@@ -7,6 +7,7 @@
 //! - [`datapath::loader`] loads, sizes, attaches and pins the datapath;
 //!   [`datapath::writer`] is the only writer of its maps.
 //! - [`inspect`] reads the pinned maps of a running agent.
+//! - [`veths`] finds the pods' interfaces (`--attach-veths`).
 //! - [`http`] serves `/healthz`, `/readyz` and [`metrics`].
 //! - [`agent`] runs it all: initial load, watch, apply, shutdown.
 
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod translate;
+pub mod veths;
 
 /// The datapath object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -82,8 +82,19 @@ struct RunArgs {
 
     /// Pod-facing interface (the node's end of a pod's veth) to attach the
     /// datapath to, at tcx ingress. Repeat for every pod.
-    #[arg(long = "attach", value_name = "IFACE", required = true)]
+    #[arg(
+        long = "attach",
+        value_name = "IFACE",
+        required_unless_present = "attach_veths"
+    )]
     attach: Vec<String>,
+
+    /// Attach to every veth of the node's network namespace (the node's
+    /// end of each pod's veth pair, whatever the CNI plugin names it), and
+    /// follow pods as they come and go: new veths are attached within a
+    /// second. What a DaemonSet uses.
+    #[arg(long)]
+    attach_veths: bool,
 
     /// bpffs directory where this instance pins its maps, one per instance.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -237,6 +248,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         scope,
         health_addr: args.health_addr,
         attach: args.attach,
+        attach_veths: args.attach_veths,
         pin_dir: args.pin_dir,
         keep_pins: args.keep_pins,
         capacities: Capacities {

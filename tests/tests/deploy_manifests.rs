@@ -328,6 +328,11 @@ fn the_agent_knows_its_node_and_reports_readiness() {
     assert_eq!(args.first().map(String::as_str), Some("run"));
     assert!(args.iter().any(|arg| arg == "--node-name=$(NODE_NAME)"));
     assert!(
+        args.iter().any(|arg| arg == "--attach-veths"),
+        "the pods' veths are found, not listed"
+    );
+    the_agent_accepts(args);
+    assert!(
         !args
             .iter()
             .any(|arg| arg.starts_with("--kubeconfig") || arg.starts_with("--manifests")),
@@ -470,4 +475,27 @@ fn the_image_is_built_with_the_toolchain_the_agent_pins() {
     let daemon_set = daemon_set(&load()).clone();
     let command = agent(&daemon_set).command.clone().unwrap_or_default();
     assert_eq!(command, ["/usr/local/bin/lb-agent"]);
+}
+
+/// The agent binary parses `args` (`$(NODE_NAME)` filled in, as the kubelet
+/// does): outside a cluster it then stops on the missing in-cluster
+/// configuration (exit 1, before loading or binding anything), not on a
+/// usage error (exit 2).
+fn the_agent_accepts(args: &[String]) {
+    let binary = lb_tests::agent::agent_binary().expect("the agent binary");
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.replace("$(NODE_NAME)", "node-1"))
+        .collect();
+    let output = std::process::Command::new(&binary)
+        .args(&args)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running the agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.contains("in-cluster configuration"), "{stderr}");
 }

@@ -22,7 +22,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_agent::datapath::maps::{open_pinned, typed};
 use lb_common::names::MAP_SERVICES;
 use lb_common::service::{ServiceKey, ServiceValue};
-use lb_tests::agent::Agent;
+use lb_tests::agent::{Agent, tcx_ingress_programs};
 use lb_tests::fake_apiserver::{FakeApiConfig, FakeApiServer, ResourceKind, Verb};
 use lb_tests::fixture::{NODE, OneNode};
 use lb_tests::manifests::Protocol;
@@ -658,6 +658,73 @@ fn map_view(agent: &Agent) -> MapView {
         .collect();
     view.sort();
     view
+}
+
+/// As the DaemonSet runs it: `--attach-veths` instead of `--attach`. The
+/// agent finds the pods' veths, attaches to veths created later, lets go
+/// of deleted ones, and exits cleanly.
+#[test]
+fn attach_veths_follows_pods() {
+    let node = KubeNode::build("kube-veths", 2);
+    let web_ip = cluster_ip(70);
+    node.api.create(&service("web", web_ip, json!({}))).unwrap();
+    let endpoints = vec![ready(node.backend(1).addr()), ready(node.backend(2).addr())];
+    node.api
+        .create(&slice("web", "1", endpoints, json!({})))
+        .unwrap();
+    let args = [
+        OsStr::new("--kubeconfig"),
+        node.kubeconfig.as_os_str(),
+        OsStr::new("--node-name"),
+        OsStr::new(NODE),
+        OsStr::new("--attach-veths"),
+    ];
+    let ns = node.cluster.node().ns();
+    let pin_dir = node.cluster.testbed().pin_dir("agent").expect("pin dir");
+    let agent = Agent::start_with(node.cluster.node(), &args, &[], pin_dir).expect("agent");
+    let attached = |iface: &str| {
+        tcx_ingress_programs(ns, iface)
+            .is_ok_and(|programs| programs.iter().any(|p| p == lb_common::names::PROG_TC_POD))
+    };
+    let wait_attached = |iface: &str, want: bool| {
+        lb_tests::wait::wait_until(
+            Duration::from_secs(5),
+            &format!("{iface} attached: {want}"),
+            || attached(iface) == want,
+        )
+        .unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+    };
+    for iface in node.cluster.node().pod_ifaces() {
+        wait_attached(iface, true);
+    }
+    assert_eq!(
+        node.spread(&agent, web_ip, 20),
+        names(&[node.backend(1), node.backend(2)])
+    );
+
+    // A pod arrives: both ends of a new veth pair (inside the node
+    // namespace) are attached within a second or so.
+    ns.ip(&[
+        "link", "add", "lbx-a", "type", "veth", "peer", "name", "lbx-b",
+    ])
+    .unwrap();
+    wait_attached("lbx-a", true);
+    wait_attached("lbx-b", true);
+    // It goes: the agent lets go of its links.
+    ns.ip(&["link", "del", "lbx-a"]).unwrap();
+    lb_tests::wait::wait_until(Duration::from_secs(5), "the agent notices", || {
+        let log = agent.log();
+        ["lbx-a", "lbx-b"].iter().all(|iface| {
+            log.lines()
+                .any(|line| line.contains("veth gone") && line.contains(iface))
+        })
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", agent.log()));
+    let status = agent.stop().expect("agent stopped");
+    assert!(status.success(), "agent exit: {status}\n{}", agent.log());
+    for iface in node.cluster.node().pod_ifaces() {
+        assert!(!attached(iface), "{iface} still attached after exit");
+    }
 }
 
 /// One translation, two sources: the same objects through `--manifests`
