@@ -406,6 +406,24 @@ impl Datapath {
             .map_err(LoadError::ProgramType)
     }
 
+    /// Detaches from `iface`, if attached. Also for an interface that is
+    /// gone (a deleted pod's veth): the kernel has already cut its tcx link,
+    /// and this releases the link's descriptor.
+    pub fn detach(&mut self, iface: &str) -> Result<(), LoadError> {
+        let Some(position) = self.links.iter().position(|(name, _)| name == iface) else {
+            return Ok(());
+        };
+        let (iface, link) = self.links.swap_remove(position);
+        self.program()?
+            .detach(link)
+            .map_err(|source| LoadError::Detach {
+                iface: iface.clone(),
+                source,
+            })?;
+        info!(iface, "detached {PROG_TC_POD}");
+        Ok(())
+    }
+
     /// Interfaces the program is attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.links.iter().map(|(iface, _)| iface.as_str())
