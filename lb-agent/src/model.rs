@@ -139,6 +139,9 @@ pub struct ServicePort {
     pub affinity_timeout: Option<u32>,
     /// Backend selection the Service asks for; `None`: the agent's default.
     pub selection: Option<Selection>,
+    /// With no ready backend, drop new connections rather than refuse them
+    /// (`internalTrafficPolicy: Local`, as kube-proxy does).
+    pub drop_without_backend: bool,
 }
 
 impl ServicePort {
@@ -182,6 +185,7 @@ impl DesiredState {
         // Both come from the Service object, the same for every merge.
         entry.affinity_timeout = port.affinity_timeout;
         entry.selection = port.selection;
+        entry.drop_without_backend = port.drop_without_backend;
         for frontend in port.frontends {
             match self.owners.get(&frontend) {
                 Some(owner) if *owner != name => conflicts.push(FrontendConflict {

@@ -29,7 +29,8 @@
 //!   `nodeName` is this node ([`Scope::node_name`]) for new connections
 //!   (the fallback above applies among them); the others stay listed as not
 //!   ready, so flows already open to them keep working. With no local
-//!   endpoint, new connections are refused.
+//!   endpoint, new connections are dropped (kube-proxy's DROP), not
+//!   refused.
 //! - With a [`Scope::service_proxy_name`], only objects labelled
 //!   `service.kubernetes.io/service-proxy-name` with that value are proxied
 //!   (and unlabelled ones are not), as a kube-proxy started with that
@@ -567,7 +568,7 @@ fn translate_service(
                     NoticeLevel::Warn,
                     object.clone(),
                     "internalTrafficPolicy Local without a node name (--node-name): \
-                     no endpoint is local, new connections are refused"
+                     no endpoint is local, new connections are dropped"
                         .into(),
                 );
             }
@@ -618,6 +619,7 @@ fn translate_service(
                 backends,
                 affinity_timeout,
                 selection,
+                drop_without_backend: matches!(locality, Locality::Node(_)),
             },
         ) {
             notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
@@ -1362,6 +1364,11 @@ endpoints:
                 .backends
                 .clone()
         };
+        let local = translate_in(&scoped(Some("here"), None), &services, &slices).state;
+        let port = local
+            .service(&name("local", "http", Protocol::Tcp))
+            .unwrap();
+        assert!(port.drop_without_backend);
         // The remote endpoint stays listed (its flows live on), not ready.
         assert_eq!(
             backends(&scoped(Some("here"), None)),

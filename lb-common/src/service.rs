@@ -46,6 +46,11 @@ pub const SERVICE_F_REJECT: u16 = 1 << 0;
 /// instead of a random slot.
 pub const SERVICE_F_MAGLEV: u16 = 1 << 1;
 
+/// With no ready backend (`backend_count` 0), new connections are dropped
+/// silently rather than refused: kube-proxy's DROP for a Service with
+/// `internalTrafficPolicy: Local` and no endpoint on this node.
+pub const SERVICE_F_DROP: u16 = 1 << 2;
+
 /// Value of [`crate::names::MAP_SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

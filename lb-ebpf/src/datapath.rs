@@ -123,6 +123,9 @@ fn new_flow<C: PacketContext>(
             u32::from_be(pkt.src_addr),
             u16::from_be(pkt.src_port)
         );
+        if service::drops_new_connections(service) {
+            return Ok(Action::Drop);
+        }
         return reject::refuse(ctx, pkt);
     }
     let (backend_id, backend) = if service.affinity_timeout != 0 {

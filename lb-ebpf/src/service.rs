@@ -1,6 +1,6 @@
 //! Frontend lookup: is the packet's destination a service frontend?
 
-use lb_common::service::{SERVICE_F_REJECT, ServiceKey, ServiceValue};
+use lb_common::service::{SERVICE_F_DROP, SERVICE_F_REJECT, ServiceKey, ServiceValue};
 
 use crate::{maps::LB_SERVICES, parse::Packet};
 
@@ -17,4 +17,12 @@ pub fn lookup(pkt: &Packet) -> Option<ServiceValue> {
 #[inline(always)]
 pub const fn rejects_new_connections(service: &ServiceValue) -> bool {
     service.backend_count == 0 || service.flags & SERVICE_F_REJECT != 0
+}
+
+/// Whether a refused new connection is dropped silently instead of
+/// answered (kube-proxy's DROP for internalTrafficPolicy Local without a
+/// local endpoint).
+#[inline(always)]
+pub const fn drops_new_connections(service: &ServiceValue) -> bool {
+    service.backend_count == 0 && service.flags & SERVICE_F_DROP != 0
 }

@@ -528,7 +528,7 @@ fn terminating_endpoint() {
 }
 
 /// internalTrafficPolicy: Local keeps the endpoints on this node; with none
-/// there, connections to the ClusterIP fail.
+/// there, connections to the ClusterIP are dropped.
 #[test]
 fn internal_traffic_policy_local() {
     let node = KubeNode::build("kube-local", 2);
@@ -572,11 +572,27 @@ fn internal_traffic_policy_local() {
         web_ip,
         &[(tcp_backend(p1), false), (tcp_backend(p2), false)],
     );
-    assert!(
-        node.client()
-            .tcp_request(tcp_frontend(web_ip), "nobody local")
-            .is_err(),
-        "a Local Service without local endpoints was reachable"
+    // Dropped, as kube-proxy drops it, rather than refused: the client's
+    // SYN goes unanswered.
+    let dropped = node
+        .client()
+        .tcp_request(tcp_frontend(web_ip), "nobody local")
+        .map(|exchange| exchange.reply.server)
+        .map_err(|error| error.kind());
+    assert_eq!(
+        dropped,
+        Err(io::ErrorKind::TimedOut),
+        "{}",
+        agent.diagnostics()
+    );
+    let flags = agent
+        .service(tcp_frontend(web_ip), Protocol::Tcp)
+        .unwrap()
+        .expect("still programmed")
+        .flags;
+    assert_eq!(
+        flags & lb_common::service::SERVICE_F_DROP,
+        lb_common::service::SERVICE_F_DROP
     );
 }
 

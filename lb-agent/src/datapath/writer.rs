@@ -33,7 +33,9 @@ use lb_common::names::{
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICE_STATS,
     MAP_SERVICES, MAP_SLOTS,
 };
-use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::service::{
+    SERVICE_F_DROP, SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey,
+};
 use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
 
@@ -660,6 +662,9 @@ impl<M: MapOps> Writer<M> {
                 affinity_timeout: port.affinity_timeout.unwrap_or(0),
                 ..ServiceValue::default()
             };
+            if port.drop_without_backend {
+                value.flags |= SERVICE_F_DROP;
+            }
             if selection == Selection::Maglev && !new.is_empty() {
                 let ready_backends: Vec<(SocketAddrV4, u32)> = port
                     .ready_backends()
