@@ -24,6 +24,7 @@ use crate::datapath::maps::AyaMaps;
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
 use crate::http::{HealthServer, HttpError, Readiness};
 use crate::metrics::Metrics;
+use crate::model::DesiredState;
 use crate::model::Selection;
 use crate::source::kube::{self as kube_source, KubeError, KubeOptions, KubeSource};
 use crate::source::manifests::{DirWatcher, ManifestSource, SourceError};
@@ -271,6 +272,10 @@ struct Applier {
     notices: BTreeSet<Notice>,
     /// When to apply again after failed map writes, and the next delay.
     retry: Option<(Instant, Duration)>,
+    /// The last state written without a failure, and what that left in the
+    /// maps: an equal translation needs no write at all (an event about an
+    /// object that changes nothing the datapath sees, a relist).
+    last_written: Option<(DesiredState, ApplyReport)>,
 }
 
 impl Applier {
@@ -285,7 +290,18 @@ impl Applier {
         let translation = self.source.translate(&self.scope);
         let translated = started.elapsed();
         log_new_notices(&mut self.notices, translation.notices);
-        let report = self.writer.apply(&translation.state);
+        let report = match &self.last_written {
+            Some((state, report)) if *state == translation.state => ApplyReport {
+                writes: 0,
+                failures: 0,
+                ..*report
+            },
+            _ => {
+                let report = self.writer.apply(&translation.state);
+                self.last_written = (report.failures == 0).then_some((translation.state, report));
+                report
+            }
+        };
         debug!(
             translate_ms = translated.as_secs_f64() * 1000.0,
             write_ms = (started.elapsed() - translated).as_secs_f64() * 1000.0,
@@ -464,6 +480,7 @@ async fn run_loop(
         metrics: shared.metrics,
         notices: BTreeSet::new(),
         retry: None,
+        last_written: None,
     };
     // Program the maps before attaching, so the first packet already sees
     // every service.
