@@ -324,6 +324,18 @@ fn the_agent_knows_its_node_and_reports_readiness() {
         .and_then(|source| source.field_ref.as_ref())
         .expect("NODE_NAME comes from the downward API");
     assert_eq!(field.field_path, "spec.nodeName");
+    // The API server is reached directly, not through the ClusterIP the
+    // agent itself programs.
+    for variable in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        let value = container
+            .env
+            .iter()
+            .flatten()
+            .find(|env| env.name == variable)
+            .and_then(|env| env.value.as_deref())
+            .unwrap_or_else(|| panic!("{variable} is set"));
+        assert!(!value.is_empty(), "{variable}");
+    }
     let args = container.args.as_deref().unwrap_or_default();
     assert_eq!(args.first().map(String::as_str), Some("run"));
     assert!(args.iter().any(|arg| arg == "--node-name=$(NODE_NAME)"));
