@@ -157,16 +157,18 @@ pub fn e2e_table(e2e: &E2eResults) -> String {
 
 pub fn agent_table(agent: &AgentResults) -> String {
     let mut text = String::from(
-        "| services × endpoints | cold start to programmed, ms | of which reading + writing maps, ms | peak RSS (VmHWM), MiB |\n|---:|---:|---:|---:|\n",
+        "| services × endpoints | cold start to programmed, ms | of which reading + writing maps, ms | of which map writes (agent's own figure), ms | peak RSS (VmHWM), MiB |\n|---:|---:|---:|---:|---:|\n",
     );
     for row in &agent.cold {
         let _ = writeln!(
             text,
-            "| {} × {} | {} | {} | {} |",
+            "| {} × {} | {} | {} | {} | {} |",
             count(row.services),
             row.endpoints,
             row.total_ms.show(0),
             row.programming_ms.show(0),
+            row.map_writes_ms
+                .map_or("–".to_owned(), |writes| writes.show(0)),
             row.peak_rss_mib.show(1)
         );
     }
