@@ -421,7 +421,7 @@ fn cold_start(services: u32) -> Result<ColdStart> {
 /// manifest file with one endpoint ready or not, alternately, and waits
 /// (spinning on a map lookup) until LB_SERVICES shows the new number of
 /// ready backends for its frontend.
-fn changes(services: u32, count: usize) -> Result<ChangeResult> {
+fn changes(services: u32, count: usize, progress: &mut dyn FnMut(String)) -> Result<ChangeResult> {
     let (testbed, manifests, ports) = agent_testbed(services)?;
     let mut agent = start_agent(&testbed, manifests.path(), services)?;
     agent.wait_programmed()?;
@@ -445,6 +445,9 @@ fn changes(services: u32, count: usize) -> Result<ChangeResult> {
     let single = std::slice::from_ref(measured);
     let mut latencies = Vec::with_capacity(count);
     for n in 0..count {
+        if n > 0 && n % 100 == 0 {
+            progress(format!("agent: {n} of {count} changes"));
+        }
         let (not_ready, expected): (&[_], u32) = if n % 2 == 0 {
             (&[toggled], ENDPOINTS - 1)
         } else {
@@ -516,7 +519,7 @@ pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<AgentRes
         "agent: {} EndpointSlice changes with {} services",
         plan.changes, plan.change_services
     ));
-    let change = changes(plan.change_services, plan.changes)?;
+    let change = changes(plan.change_services, plan.changes, progress)?;
     Ok(AgentResults { cold, change, maps })
 }
 

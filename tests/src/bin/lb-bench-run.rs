@@ -10,6 +10,7 @@
 //! when it ends, also on failure.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +18,29 @@ use lb_tests::bench::{
     Plan, agent, e2e, prog,
     report::{self, Machine, Results},
 };
+
+/// Set by SIGINT or SIGTERM; checked at every progress report.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C and SIGTERM no longer kill the process outright (which would
+/// leave namespaces and pins behind): the next progress report panics, and
+/// unwinding runs every guard's cleanup.
+fn stop_cleanly_on_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(
+                signal,
+                interrupted as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
 
 struct Args {
     plan: Plan,
@@ -59,9 +83,14 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks need root (BPF programs, network namespaces)");
     }
+    stop_cleanly_on_signals();
     let machine = Machine::current(&args.command);
     let started = Instant::now();
     let mut progress = |what: String| {
+        assert!(
+            !INTERRUPTED.load(Ordering::Relaxed),
+            "interrupted: cleaning up and stopping"
+        );
         eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
     };
     let plan = args.plan;
