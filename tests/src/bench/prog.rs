@@ -332,25 +332,31 @@ fn case(path: HotPath, backend: SocketAddrV4, base: Ipv4Addr) -> BenchCase {
     }
 }
 
-/// Measures `path` round by round (each round one `measure` call of
-/// `runs` runs), so the spread over rounds is known.
-fn measure_path(
+/// Measures every hot path round by round (each round one `measure` call
+/// of `runs` runs per path, the paths in turn), so the spread over rounds
+/// is known and a burst of noise lands on every path alike.
+fn measure_paths(
     bench: &mut Bench,
-    path: HotPath,
     backend: SocketAddrV4,
     runs: u32,
     rounds: u32,
-) -> Result<Summary> {
-    let mut per_round = Vec::new();
+) -> Result<Vec<(HotPath, Summary)>> {
+    let mut per_round: Vec<Vec<f64>> = HotPath::ALL.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         let base = new_flow_base(round, runs);
-        let result = bench.measure(&case(path, backend, base), runs, 1)?;
-        if path == HotPath::NewFlow {
-            remove_new_flows(bench.datapath(), base, runs)?;
+        for (path, figures) in HotPath::ALL.into_iter().zip(&mut per_round) {
+            let result = bench.measure(&case(path, backend, base), runs, 1)?;
+            if path == HotPath::NewFlow {
+                remove_new_flows(bench.datapath(), base, runs)?;
+            }
+            figures.push(result.ns_per_packet as f64);
         }
-        per_round.push(result.ns_per_packet as f64);
     }
-    Ok(Summary::of(&per_round).expect("at least one round"))
+    Ok(HotPath::ALL
+        .into_iter()
+        .zip(per_round)
+        .map(|(path, figures)| (path, Summary::of(&figures).expect("at least one round")))
+        .collect())
 }
 
 /// Runs the program-cost grid of `plan`; `progress` hears what is being
@@ -391,8 +397,7 @@ pub fn measure(plan: &Plan, progress: &mut dyn FnMut(String)) -> Result<ProgResu
             add_filler_services(bench.datapath(), services_now - 1, services - 1)?;
             services_now = services;
             progress(format!("program cost: {services} services, {flows} flows"));
-            for path in HotPath::ALL {
-                let ns = measure_path(&mut bench, path, backend, runs, rounds)?;
+            for (path, ns) in measure_paths(&mut bench, backend, runs, rounds)? {
                 rows.push(ProgRow {
                     path,
                     services,
