@@ -20,10 +20,10 @@ use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
 use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions};
-use crate::datapath::maps::AyaMaps;
+use crate::datapath::maps::{AyaMaps, StatsMaps};
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
 use crate::http::{HealthServer, HttpError, Readiness};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProgrammedIds};
 use crate::model::DesiredState;
 use crate::model::Selection;
 use crate::source::kube::{self as kube_source, KubeError, KubeOptions, KubeSource};
@@ -299,6 +299,8 @@ impl Applier {
             _ => {
                 let report = self.writer.apply(&translation.state);
                 self.last_written = (report.failures == 0).then_some((translation.state, report));
+                self.metrics
+                    .set_programmed_ids(ProgrammedIds::of(&self.writer));
                 report
             }
         };
@@ -467,6 +469,9 @@ async fn run_loop(
     }
 
     let maps = datapath.take_maps()?;
+    shared
+        .metrics
+        .set_stats_reader(StatsMaps::from_pins(datapath.pin_dir()).map_err(LoadError::Maps)?);
     let mut writer = if datapath.reused_pins().is_empty() {
         Writer::new(maps)
     } else {

@@ -15,18 +15,48 @@
 //! | `watch_errors_total{resource}` | counter | failed lists and watches (retried) |
 //! | `lists_total{resource}` | counter | completed lists (initial and relists) |
 //! | `network_programming_duration_seconds` | histogram | from an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to its change being in the maps, as kube-proxy's metric of that name |
+//!
+//! The datapath's own counters are read from its per-CPU maps at scrape
+//! time (summed over CPUs), by [`DatapathCounters`]. Service port series
+//! carry the labels `namespace`, `name` (the Service's), `port` (the
+//! Service port's name, empty for an unnamed port) and `protocol`; backend
+//! series `address`, `port` (the backend's number) and `protocol`, and
+//! count over every Service port that lists the backend:
+//!
+//! | Metric | Type | Meaning |
+//! |---|---|---|
+//! | `service_packets_total{namespace,name,port,protocol,direction}` | counter | packets translated: `direction="to_backend"` client packets, `"to_client"` replies |
+//! | `service_bytes_total{namespace,name,port,protocol,direction}` | counter | their bytes (skb length) |
+//! | `service_new_flows_total{namespace,name,port,protocol}` | counter | connections balanced to a backend |
+//! | `service_drops_total{namespace,name,port,protocol,reason}` | counter | packets dropped or refused, by [`DropReason::name`] |
+//! | `backend_packets_total{address,port,protocol,direction}` | counter | packets to and from the backend |
+//! | `backend_bytes_total{address,port,protocol,direction}` | counter | their bytes |
+//! | `backend_new_flows_total{address,port,protocol}` | counter | connections balanced to the backend |
+//!
+//! A counter starts at 0 when its service port or backend is programmed
+//! (its slot in the per-CPU map is zeroed when the id is handed out), and
+//! only grows while it stays programmed.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use lb_common::names::{MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS};
-use prometheus_client::metrics::counter::Counter;
+use lb_common::stats::{BackendStats, DropReason, ServiceStats};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use tracing::warn;
 
+use crate::agent::error_chain;
 use crate::datapath::loader::Capacities;
-use crate::datapath::writer::{ApplyReport, MapContents};
+use crate::datapath::maps::{AyaMaps, StatsMaps};
+use crate::datapath::writer::{ApplyReport, MapContents, MapReadError, Writer};
+use crate::model::ServicePortName;
 use crate::source::kube::WatchObserver;
 
 type MapLabel = [(&'static str, &'static str); 1];
@@ -46,6 +76,7 @@ pub struct Metrics {
     watch_errors: Family<MapLabel, Counter>,
     lists: Family<MapLabel, Counter>,
     programming_duration: Histogram,
+    datapath: Arc<DatapathCounters>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -139,8 +170,11 @@ impl Metrics {
             Unit::Seconds,
             programming_duration.clone(),
         );
+        let datapath = Arc::new(DatapathCounters::default());
+        registry.register_collector(Box::new(Arc::clone(&datapath)));
         Self {
             registry,
+            datapath,
             service_ports,
             frontends,
             backends,
@@ -192,6 +226,26 @@ impl Metrics {
         }
     }
 
+    /// Lets `/metrics` read the datapath's counter maps (once, after
+    /// loading); until then the datapath counters are absent.
+    pub fn set_stats_reader(&self, reader: impl StatsReader) {
+        if self.datapath.reader.set(Box::new(reader)).is_err() {
+            warn!("the datapath counter maps were already set; keeping the first");
+        }
+    }
+
+    /// Records which Service port and backend each programmed id belongs
+    /// to, for the labels of the datapath counters (after each apply).
+    pub fn set_programmed_ids(&self, ids: ProgrammedIds) {
+        let ids = Arc::new(ids);
+        // A poisoned lock only means a scrape panicked: the value is whole.
+        *self
+            .datapath
+            .ids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ids;
+    }
+
     /// Records the time from a change's trigger to its programming.
     pub fn observe_programming(&self, latency: Duration) {
         self.programming_duration.observe(latency.as_secs_f64());
@@ -219,9 +273,248 @@ impl WatchObserver for Metrics {
     }
 }
 
+/// Reads the datapath's per-CPU counters, summed over CPUs.
+pub trait StatsReader: Send + Sync + 'static {
+    fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapReadError>;
+    fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapReadError>;
+}
+
+impl StatsReader for StatsMaps {
+    fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapReadError> {
+        StatsMaps::service_stats(self, service_id)
+    }
+
+    fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapReadError> {
+        StatsMaps::backend_stats(self, backend_id)
+    }
+}
+
+/// One programmed backend: its id and identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedBackend {
+    pub id: u32,
+    pub addr: SocketAddrV4,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
+}
+
+/// The ids the writer handed out, with what they name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedIds {
+    pub service_ports: Vec<(ServicePortName, u32)>,
+    pub backends: Vec<ProgrammedBackend>,
+}
+
+impl ProgrammedIds {
+    /// What `writer` has programmed.
+    pub fn of(writer: &Writer<AyaMaps>) -> Self {
+        Self {
+            service_ports: writer
+                .service_ports()
+                .map(|(name, id)| (name.clone(), id))
+                .collect(),
+            backends: writer
+                .programmed()
+                .backends
+                .iter()
+                .map(|(id, backend)| ProgrammedBackend {
+                    id: *id,
+                    addr: SocketAddrV4::new(
+                        Ipv4Addr::from(u32::from_be(backend.addr)),
+                        u16::from_be(backend.port),
+                    ),
+                    protocol: lb_common::proto::name(backend.proto),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The collector of the datapath's per-Service and per-backend counters:
+/// it reads the maps when `/metrics` is scraped, so the run loop only
+/// swaps in [`ProgrammedIds`] after an apply.
+#[derive(Default)]
+pub struct DatapathCounters {
+    reader: OnceLock<Box<dyn StatsReader>>,
+    /// Replaced whole after each apply; a scrape clones the `Arc` and
+    /// releases the lock before reading any map.
+    ids: RwLock<Arc<ProgrammedIds>>,
+}
+
+impl std::fmt::Debug for DatapathCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathCounters").finish_non_exhaustive()
+    }
+}
+
+/// Encodes one counter metric with one series per `(labels, value)`.
+fn encode_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstCounter::<u64>::new(0).metric_type())?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+const TO_BACKEND: &str = "to_backend";
+const TO_CLIENT: &str = "to_client";
+const SERVICE_RESET: &str = "a newly programmed Service port starts at 0";
+const BACKEND_RESET: &str = "a newly programmed backend starts at 0";
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(reader) = self.reader.get() else {
+            return Ok(());
+        };
+        let ids = Arc::clone(
+            &self
+                .ids
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // A failed read leaves that id's series out of this scrape (and
+        // says so) rather than failing every metric.
+        let services: Vec<([(&str, &str); 4], ServiceStats)> = ids
+            .service_ports
+            .iter()
+            .filter_map(|(name, id)| match reader.service_stats(*id) {
+                Ok(stats) => Some((
+                    [
+                        ("namespace", name.namespace.as_str()),
+                        ("name", name.name.as_str()),
+                        ("port", name.port_name.as_str()),
+                        ("protocol", name.proto.name()),
+                    ],
+                    stats,
+                )),
+                Err(error) => {
+                    warn!("/metrics: counters of {name}: {}", error_chain(&error));
+                    None
+                }
+            })
+            .collect();
+        let backends: Vec<([(&str, String); 3], BackendStats)> = ids
+            .backends
+            .iter()
+            .filter_map(|backend| match reader.backend_stats(backend.id) {
+                Ok(stats) => Some((
+                    [
+                        ("address", backend.addr.ip().to_string()),
+                        ("port", backend.addr.port().to_string()),
+                        ("protocol", backend.protocol.to_owned()),
+                    ],
+                    stats,
+                )),
+                Err(error) => {
+                    warn!(
+                        "/metrics: counters of backend {}: {}",
+                        backend.addr,
+                        error_chain(&error)
+                    );
+                    None
+                }
+            })
+            .collect();
+
+        encode_counters(
+            &mut encoder,
+            "service_packets",
+            &format!("Packets of a Service port translated, by direction ({SERVICE_RESET})"),
+            services.iter().flat_map(|(labels, stats)| {
+                [
+                    ((&labels[..], [("direction", TO_BACKEND)]), stats.packets),
+                    (
+                        (&labels[..], [("direction", TO_CLIENT)]),
+                        stats.reply_packets,
+                    ),
+                ]
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_bytes",
+            &format!(
+                "Bytes of a Service port's translated packets, by direction ({SERVICE_RESET})"
+            ),
+            services.iter().flat_map(|(labels, stats)| {
+                [
+                    ((&labels[..], [("direction", TO_BACKEND)]), stats.bytes),
+                    ((&labels[..], [("direction", TO_CLIENT)]), stats.reply_bytes),
+                ]
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_new_flows",
+            &format!("Connections of a Service port balanced to a backend ({SERVICE_RESET})"),
+            services
+                .iter()
+                .map(|(labels, stats)| (&labels[..], stats.new_flows)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_drops",
+            &format!("Packets of a Service port dropped or refused, by reason ({SERVICE_RESET})"),
+            services.iter().flat_map(|(labels, stats)| {
+                DropReason::ALL.iter().map(move |reason| {
+                    (
+                        (&labels[..], [("reason", reason.name())]),
+                        stats.drops[*reason as usize],
+                    )
+                })
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_packets",
+            &format!(
+                "Packets to and from a backend over every Service port listing it, by direction ({BACKEND_RESET})"
+            ),
+            backends.iter().flat_map(|(labels, stats)| {
+                [
+                    ((&labels[..], [("direction", TO_BACKEND)]), stats.packets),
+                    (
+                        (&labels[..], [("direction", TO_CLIENT)]),
+                        stats.reply_packets,
+                    ),
+                ]
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_bytes",
+            &format!(
+                "Bytes to and from a backend over every Service port listing it, by direction ({BACKEND_RESET})"
+            ),
+            backends.iter().flat_map(|(labels, stats)| {
+                [
+                    ((&labels[..], [("direction", TO_BACKEND)]), stats.bytes),
+                    ((&labels[..], [("direction", TO_CLIENT)]), stats.reply_bytes),
+                ]
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_new_flows",
+            &format!("Connections balanced to a backend ({BACKEND_RESET})"),
+            backends
+                .iter()
+                .map(|(labels, stats)| (&labels[..], stats.new_flows)),
+        )?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
 
     #[test]
     fn exposition_names_every_metric() {
@@ -264,5 +557,114 @@ mod tests {
             Capacities::default().services
         );
         assert!(text.lines().any(|l| l == capacity), "{text}");
+    }
+
+    /// Counters a test sets: service id `n` and backend id `n` count `n`
+    /// of everything; id 13 cannot be read.
+    struct FakeStats;
+
+    impl StatsReader for FakeStats {
+        fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapReadError> {
+            if service_id == 13 {
+                return Err(MapReadError {
+                    map: lb_common::names::MAP_SERVICE_STATS,
+                    source: Box::new(aya::maps::MapError::OutOfBounds {
+                        index: 13,
+                        max_entries: 1,
+                    }),
+                });
+            }
+            let n = u64::from(service_id);
+            let mut drops = [0; lb_common::stats::DROP_REASON_COUNT];
+            drops[DropReason::NoBackend as usize] = n + 4;
+            Ok(ServiceStats {
+                packets: n,
+                bytes: n * 100,
+                reply_packets: n + 1,
+                reply_bytes: n * 100 + 1,
+                new_flows: n + 2,
+                drops,
+            })
+        }
+
+        fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapReadError> {
+            let n = u64::from(backend_id);
+            Ok(BackendStats {
+                packets: n,
+                bytes: n * 10,
+                reply_packets: n + 1,
+                reply_bytes: n * 10 + 1,
+                new_flows: n + 2,
+            })
+        }
+    }
+
+    fn port(namespace: &str, name: &str, port_name: &str, proto: Protocol) -> ServicePortName {
+        ServicePortName {
+            namespace: namespace.into(),
+            name: name.into(),
+            port_name: port_name.into(),
+            proto,
+        }
+    }
+
+    #[test]
+    fn datapath_counters_are_read_at_scrape_time() {
+        let metrics = Metrics::new();
+        let ids = ProgrammedIds {
+            service_ports: vec![
+                (port("default", "web", "http", Protocol::Tcp), 7),
+                (port("kube-system", "dns", "", Protocol::Udp), 3),
+                (port("default", "broken", "", Protocol::Tcp), 13),
+            ],
+            backends: vec![ProgrammedBackend {
+                id: 2,
+                addr: "198.18.0.10:8080".parse().unwrap(),
+                protocol: "tcp",
+            }],
+        };
+        // Ids without a reader: no datapath series at all.
+        metrics.set_programmed_ids(ids.clone());
+        assert!(!metrics.encode().contains("lb_agent_service_packets"));
+
+        metrics.set_stats_reader(FakeStats);
+        let text = metrics.encode();
+        let web = r#"namespace="default",name="web",port="http",protocol="tcp""#;
+        let dns = r#"namespace="kube-system",name="dns",port="",protocol="udp""#;
+        let backend = r#"address="198.18.0.10",port="8080",protocol="tcp""#;
+        for line in [
+            "# TYPE lb_agent_service_packets counter".to_owned(),
+            format!(r#"lb_agent_service_packets_total{{{web},direction="to_backend"}} 7"#),
+            format!(r#"lb_agent_service_packets_total{{{web},direction="to_client"}} 8"#),
+            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_backend"}} 700"#),
+            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_client"}} 701"#),
+            format!("lb_agent_service_new_flows_total{{{web}}} 9"),
+            format!(r#"lb_agent_service_drops_total{{{web},reason="no_backend"}} 11"#),
+            format!(r#"lb_agent_service_drops_total{{{web},reason="conntrack_full"}} 0"#),
+            format!(r#"lb_agent_service_packets_total{{{dns},direction="to_backend"}} 3"#),
+            format!("lb_agent_service_new_flows_total{{{dns}}} 5"),
+            format!(r#"lb_agent_backend_packets_total{{{backend},direction="to_backend"}} 2"#),
+            format!(r#"lb_agent_backend_packets_total{{{backend},direction="to_client"}} 3"#),
+            format!(r#"lb_agent_backend_bytes_total{{{backend},direction="to_backend"}} 20"#),
+            format!(r#"lb_agent_backend_bytes_total{{{backend},direction="to_client"}} 21"#),
+            format!("lb_agent_backend_new_flows_total{{{backend}}} 4"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Every reason is listed for every readable service port.
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("lb_agent_service_drops_total{"))
+                .count(),
+            2 * DropReason::ALL.len(),
+            "{text}"
+        );
+        // The unreadable one is left out, the rest of the scrape stands.
+        assert!(!text.contains(r#"name="broken""#), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        // The next apply's ids replace the labels.
+        metrics.set_programmed_ids(ProgrammedIds::default());
+        assert!(!metrics.encode().contains(r#"name="web""#));
     }
 }

@@ -20,6 +20,7 @@ use aya::maps::{HashMap, MapData};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_agent::datapath::maps::{open_pinned, typed};
+use lb_agent::inspect::ServiceEntry;
 use lb_common::names::MAP_SERVICES;
 use lb_common::service::{ServiceKey, ServiceValue};
 use lb_tests::agent::{Agent, tcx_ingress_programs};
@@ -212,6 +213,96 @@ impl KubeNode {
             .unwrap_or_else(|| panic!("no sample {sample} in\n{body}"))
     }
 
+    /// The `inspect services` entry of `ip`'s TCP port (Service `name`,
+    /// port `tcp`) once its counters have settled, after checking that
+    /// /metrics shows the same values with the Service's and the backends'
+    /// labels.
+    fn counters_on_metrics(&self, agent: &Agent, name: &str, ip: Ipv4Addr) -> ServiceEntry {
+        let read = || {
+            agent
+                .service(tcp_frontend(ip), Protocol::Tcp)
+                .expect("inspect services")
+                .expect("the TCP frontend is programmed")
+        };
+        let counters = |entry: &ServiceEntry| {
+            let backends: Vec<_> = entry.backends.iter().map(|b| b.counters.clone()).collect();
+            (entry.counters.clone(), backends)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Straggling packets of closed connections (last ACKs) may still
+        // be counted: compare against a scrape between two equal reads.
+        let (entry, body) = loop {
+            let before = read();
+            let (status, body) = self.http_get("/metrics");
+            assert_eq!(status, 200, "{body}");
+            if counters(&before) == counters(&read()) {
+                break (before, body);
+            }
+            assert!(Instant::now() < deadline, "counters of {ip} never settled");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let sample = |name: &str| -> u64 {
+            body.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no sample {name} in\n{body}"))
+        };
+        let service = format!(r#"namespace="default",name="{name}",port="tcp",protocol="tcp""#);
+        let counters = &entry.counters;
+        for (metric, value) in [
+            (
+                format!(r#"lb_agent_service_packets_total{{{service},direction="to_backend"}}"#),
+                counters.packets,
+            ),
+            (
+                format!(r#"lb_agent_service_packets_total{{{service},direction="to_client"}}"#),
+                counters.reply_packets,
+            ),
+            (
+                format!(r#"lb_agent_service_bytes_total{{{service},direction="to_backend"}}"#),
+                counters.bytes,
+            ),
+            (
+                format!(r#"lb_agent_service_bytes_total{{{service},direction="to_client"}}"#),
+                counters.reply_bytes,
+            ),
+            (
+                format!("lb_agent_service_new_flows_total{{{service}}}"),
+                counters.new_flows,
+            ),
+        ] {
+            assert_eq!(sample(&metric), value, "{metric}");
+        }
+        for (reason, value) in &counters.drops {
+            let metric = format!(r#"lb_agent_service_drops_total{{{service},reason="{reason}"}}"#);
+            assert_eq!(sample(&metric), *value, "{metric}");
+        }
+        for backend in &entry.backends {
+            let labels = format!(
+                r#"address="{}",port="{}",protocol="tcp""#,
+                backend.addr.ip(),
+                backend.addr.port()
+            );
+            for (metric, value) in [
+                (
+                    format!(r#"lb_agent_backend_packets_total{{{labels},direction="to_backend"}}"#),
+                    backend.counters.packets,
+                ),
+                (
+                    format!(r#"lb_agent_backend_packets_total{{{labels},direction="to_client"}}"#),
+                    backend.counters.reply_packets,
+                ),
+                (
+                    format!("lb_agent_backend_new_flows_total{{{labels}}}"),
+                    backend.counters.new_flows,
+                ),
+            ] {
+                assert_eq!(sample(&metric), value, "{metric}");
+            }
+        }
+        entry
+    }
+
     fn spread(&self, agent: &Agent, ip: Ipv4Addr, count: usize) -> BTreeSet<String> {
         self.client()
             .tcp_spread(tcp_frontend(ip), count)
@@ -272,6 +363,19 @@ fn initial_sync_then_every_event_type() {
     assert_eq!(
         node.spread(&agent, web_ip, 30),
         names(&[node.backend(1), node.backend(2)])
+    );
+    // The datapath's counters of web on /metrics, as `inspect` reads them.
+    let web = node.counters_on_metrics(&agent, "web", web_ip);
+    assert_eq!(web.counters.new_flows, 30, "{:?}", web.counters);
+    assert!(web.counters.packets >= 30 * 3, "{:?}", web.counters);
+    assert!(web.counters.reply_packets >= 30 * 2, "{:?}", web.counters);
+    assert!(web.counters.drops.values().all(|drops| *drops == 0));
+    assert_eq!(
+        web.backends
+            .iter()
+            .map(|backend| backend.counters.new_flows)
+            .sum::<u64>(),
+        30
     );
     assert!(
         agent
@@ -354,6 +458,11 @@ fn initial_sync_then_every_event_type() {
         refused.map_err(|error| error.kind()).err(),
         Some(io::ErrorKind::ConnectionRefused)
     );
+    let refusals = node
+        .counters_on_metrics(&agent, "web", web_ip)
+        .counters
+        .drops["no_backend"];
+    assert!(refusals >= 1, "the refused connection was not counted");
 
     // DELETED Service: its frontends go.
     node.api.delete::<Service>("default", "db").unwrap();

@@ -122,6 +122,33 @@ impl AyaMaps {
     }
 }
 
+/// Separate handles on the two per-CPU counter maps, for readers outside
+/// the writer (the `/metrics` collector reads them at scrape time).
+pub struct StatsMaps {
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+}
+
+impl StatsMaps {
+    /// Opens the counter maps pinned under `pin_dir`.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, OpenMapError> {
+        Ok(Self {
+            service_stats: typed(open_pinned(pin_dir, MAP_SERVICE_STATS)?, MAP_SERVICE_STATS)?,
+            backend_stats: typed(open_pinned(pin_dir, MAP_BACKEND_STATS)?, MAP_BACKEND_STATS)?,
+        })
+    }
+
+    /// The counters of service `service_id`, summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapReadError> {
+        read_service_stats(&self.service_stats, service_id)
+    }
+
+    /// The counters of backend `backend_id`, summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, MapReadError> {
+        read_backend_stats(&self.backend_stats, backend_id)
+    }
+}
+
 /// The counters of service `service_id` in an `LB_SVC_STATS` map, summed
 /// over CPUs.
 pub fn read_service_stats<T: std::borrow::Borrow<MapData>>(
