@@ -18,7 +18,8 @@ use lb_common::{
     conntrack::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, Flow, FlowKey},
     counters::Counter,
     proto,
-    service::{SERVICE_F_REJECT, ServiceValue},
+    service::{SERVICE_F_DROP, SERVICE_F_REJECT, ServiceValue},
+    stats::DropReason,
 };
 use lb_tests::packet::{
     datapath::{
@@ -152,6 +153,13 @@ enum Step {
     FlowExists {
         key: FlowKey,
         exists: bool,
+    },
+    /// The service's per-service drop counter for `reason` must be `total`
+    /// (summed over CPUs, since the scenario started).
+    ServiceDrops {
+        service_id: u32,
+        reason: DropReason,
+        total: u64,
     },
 }
 
@@ -868,6 +876,159 @@ fn scenarios() -> Vec<Scenario> {
         ],
     });
 
+    // internalTrafficPolicy Local without a local endpoint: the agent
+    // writes backend_count 0 with SERVICE_F_DROP; the remote endpoints
+    // stay listed (LB_BACKENDS, LB_REVNAT), so established flows keep
+    // going while new connections are dropped silently, as kube-proxy's
+    // DROP rule does (no RST, no ICMP).
+    let local_syn = tcp(CLIENT, FRONTEND_TCP, TCP_SYN);
+    let local_data = tcp(CLIENT, FRONTEND_TCP, TCP_ACK | TCP_PSH)
+        .with_tcp(TCP_ACK | TCP_PSH, 0x1000_0001, 0x3000_0001)
+        .with_payload(b"still local?");
+    let local_reply = tcp(BACKEND_TCP, CLIENT, TCP_ACK).with_payload(b"yes");
+    let local_new_syn = tcp(CLIENT_2, FRONTEND_TCP, TCP_SYN);
+    let local_new_ack = tcp(CLIENT_2, FRONTEND_TCP, TCP_ACK).with_payload(b"x");
+    let local_new_rst = tcp(CLIENT_2, FRONTEND_TCP, TCP_RST);
+    scenarios.push(Scenario {
+        name: "SERVICE_F_DROP: no ready backend drops new TCP connections, established flows go on",
+        steps: vec![
+            Step::Update {
+                what: "SERVICE_F_DROP with a ready backend",
+                apply: |datapath| {
+                    datapath.set_service(
+                        &sa(FRONTEND_TCP),
+                        proto::TCP,
+                        &ServiceValue {
+                            id: SVC_TCP,
+                            backend_count: 1,
+                            flags: SERVICE_F_DROP,
+                            ..Default::default()
+                        },
+                    )
+                },
+            },
+            packet(
+                "with a ready backend the flag changes nothing: SYN balanced",
+                local_syn.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(dnat(&local_syn, BACKEND_TCP)),
+                &[(Counter::NewFlow, 1)],
+            ),
+            Step::Update {
+                what: "no ready backend left (the endpoint stays listed)",
+                apply: |datapath| {
+                    datapath.set_service(
+                        &sa(FRONTEND_TCP),
+                        proto::TCP,
+                        &ServiceValue {
+                            id: SVC_TCP,
+                            backend_count: 0,
+                            flags: SERVICE_F_DROP,
+                            ..Default::default()
+                        },
+                    )
+                },
+            },
+            packet(
+                "data of the established flow still reaches its backend",
+                local_data.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(dnat(&local_data, BACKEND_TCP)),
+                &[(Counter::Established, 1)],
+            ),
+            packet(
+                "and its reply is reverse-translated",
+                local_reply.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(snat(&local_reply, FRONTEND_TCP)),
+                &[(Counter::Reply, 1)],
+            ),
+            packet(
+                "a new client's SYN is dropped, not answered",
+                local_new_syn.to_bytes(),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+                &[(Counter::NoBackend, 1)],
+            ),
+            Step::FlowExists {
+                key: flow_key(CLIENT_2, proto::TCP, SVC_TCP),
+                exists: false,
+            },
+            packet(
+                "an ACK without a flow is dropped, not reset",
+                local_new_ack.to_bytes(),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+                &[(Counter::NoBackend, 1)],
+            ),
+            packet(
+                "a RST without a flow is dropped",
+                local_new_rst.to_bytes(),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+                &[(Counter::NoBackend, 1)],
+            ),
+            Step::ServiceDrops {
+                service_id: SVC_TCP,
+                reason: DropReason::NoBackend,
+                total: 3,
+            },
+            Step::FlowExists {
+                key: flow_key(CLIENT, proto::TCP, SVC_TCP),
+                exists: true,
+            },
+        ],
+    });
+
+    let local_query = udp(CLIENT, FRONTEND_UDP);
+    let local_new_query = udp(CLIENT_2, FRONTEND_UDP);
+    scenarios.push(Scenario {
+        name: "SERVICE_F_DROP: no ready backend drops new UDP flows without ICMP",
+        steps: vec![
+            packet(
+                "query while the backend is ready",
+                local_query.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(dnat(&local_query, BACKEND_UDP)),
+                &[(Counter::NewFlow, 1)],
+            ),
+            Step::Update {
+                what: "no ready backend left, SERVICE_F_DROP (the endpoint stays listed)",
+                apply: |datapath| {
+                    datapath.set_service(
+                        &sa(FRONTEND_UDP),
+                        proto::UDP,
+                        &ServiceValue {
+                            id: SVC_UDP,
+                            backend_count: 0,
+                            flags: SERVICE_F_DROP,
+                            ..Default::default()
+                        },
+                    )
+                },
+            },
+            packet(
+                "the tracked client's next query still goes to its backend",
+                local_query.to_bytes(),
+                TC_ACT_OK,
+                Expect::Exactly(dnat(&local_query, BACKEND_UDP)),
+                &[(Counter::Established, 1)],
+            ),
+            packet(
+                "a new client's query is dropped, no ICMP unreachable",
+                local_new_query.to_bytes(),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+                &[(Counter::NoBackend, 1)],
+            ),
+            Step::ServiceDrops {
+                service_id: SVC_UDP,
+                reason: DropReason::NoBackend,
+                total: 1,
+            },
+        ],
+    });
+
     scenarios
 }
 
@@ -923,6 +1084,22 @@ fn run_scenario(scenario: &Scenario) -> Result<(), String> {
                 if flow.is_some() != *exists {
                     return Err(format!(
                         "flow {key:?}: expected exists={exists}, found {flow:?}"
+                    ));
+                }
+            }
+            Step::ServiceDrops {
+                service_id,
+                reason,
+                total,
+            } => {
+                let stats = datapath
+                    .service_stats(*service_id)
+                    .map_err(|error| format!("service stats: {error:?}"))?;
+                let counted = stats.drops[*reason as usize];
+                if counted != *total {
+                    return Err(format!(
+                        "service {service_id}: {} drops {counted}, expected {total}",
+                        reason.name()
                     ));
                 }
             }
