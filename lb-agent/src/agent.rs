@@ -299,8 +299,12 @@ impl Applier {
             _ => {
                 let report = self.writer.apply(&translation.state);
                 self.last_written = (report.failures == 0).then_some((translation.state, report));
-                self.metrics
-                    .set_programmed_ids(ProgrammedIds::of(&self.writer));
+                // Ids are handed out and released only by map writes
+                // (attempted ones included).
+                if report.writes > 0 || report.failures > 0 {
+                    self.metrics
+                        .set_programmed_ids(ProgrammedIds::of(&self.writer));
+                }
                 report
             }
         };
