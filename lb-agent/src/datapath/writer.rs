@@ -5,7 +5,8 @@
 //! new [`DesiredState`] and writes only that difference, in an order that
 //! never refuses or drops a new connection to a service that keeps at least
 //! one ready backend (see [`Writer::apply`]). An unchanged service costs no
-//! write.
+//! write, and after a successful apply no work beyond comparing it with the
+//! one last applied.
 //!
 //! Identities:
 //! - A **service id** belongs to one [`ServicePortName`] for as long as it is
@@ -40,7 +41,9 @@ use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
 
 use super::maglev;
-use crate::model::{DesiredState, Protocol, Selection, ServicePortName};
+use crate::model::{
+    DesiredState, Frontend, Protocol, Readiness, Selection, ServicePort, ServicePortName,
+};
 
 /// One write to one BPF map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -379,6 +382,15 @@ fn slot_layout(old: &[u32], ready: &[u32]) -> Vec<u32> {
     layout.into_iter().flatten().collect()
 }
 
+/// What the desired state asks of a backend, from the service ports that
+/// list it.
+fn wanted_backend(listers: &BTreeMap<ServicePortName, (u32, Readiness)>) -> WantedBackend {
+    WantedBackend {
+        ready_anywhere: listers.values().any(|(_, readiness)| readiness.is_ready()),
+        services: listers.values().map(|(id, _)| *id).collect(),
+    }
+}
+
 /// A backend the desired state lists, and who lists it.
 #[derive(Default)]
 struct WantedBackend {
@@ -390,7 +402,11 @@ struct WantedBackend {
 /// this apply, and the services whose replies it can reverse-translate.
 struct UsableBackend {
     id: u32,
+    /// The services that may name it in a slot in this apply: linked in
+    /// `LB_REVNAT` now, and among its final links.
     revnat: BTreeSet<u32>,
+    /// Its final `LB_REVNAT` links (written in step 4).
+    links: BTreeSet<u32>,
     /// Its entry once no slot needs the old flags (written in step 4).
     final_value: Backend,
 }
@@ -423,6 +439,35 @@ pub struct Writer<M: MapOps> {
     /// Service ids handed out by the current apply, whose counters start
     /// from zero.
     fresh_service_ids: BTreeSet<u32>,
+    /// The current apply left a reverse-NAT link for the next one to add.
+    links_deferred: bool,
+    /// Number of `LB_SERVICES` entries per service id (kept by [`Self::write`]).
+    frontends_per_id: BTreeMap<u32, usize>,
+    /// The service ports of the last apply, to find what the next one changes.
+    applied: BTreeMap<ServicePortName, ServicePort>,
+    /// Per backend, the service ports of the last apply that list it.
+    listers: BTreeMap<BackendAddr, BTreeMap<ServicePortName, (u32, Readiness)>>,
+    /// The next apply must look at everything: nothing was applied yet, an
+    /// apply failed somewhere, a setting changed, or a Maglev service
+    /// waits for a table (see [`Writer::apply`]).
+    full_next: bool,
+}
+
+/// What an incremental apply looks at: the service ports that changed
+/// since the last apply, and everything they can affect.
+struct Scope {
+    /// Service ports whose slots and frontends are recomputed: the changed
+    /// ones and every one that lists a backend they list or listed.
+    services: BTreeSet<ServicePortName>,
+    /// Ids of `services` and of removed service ports, each with every
+    /// frontend that can carry it (its old and new ones).
+    ids: BTreeMap<u32, BTreeSet<ServiceKey>>,
+    /// Backends listed by a changed or removed service port, before or now.
+    backends: BTreeSet<BackendAddr>,
+    /// Service ids that listed each of `backends` before this apply.
+    old_listers: BTreeMap<BackendAddr, BTreeSet<u32>>,
+    /// Frontends of changed or removed service ports before this apply.
+    old_frontends: BTreeSet<(ServiceKey, Frontend)>,
 }
 
 impl<M: MapOps> Writer<M> {
@@ -482,6 +527,11 @@ impl<M: MapOps> Writer<M> {
             .max()
             .unwrap_or(0);
 
+        let mut frontends_per_id = BTreeMap::new();
+        for value in programmed.services.values() {
+            *frontends_per_id.entry(value.id).or_default() += 1;
+        }
+
         Self {
             maps,
             programmed,
@@ -499,6 +549,11 @@ impl<M: MapOps> Writer<M> {
             maglev_tables,
             maglev_overflow: BTreeSet::new(),
             fresh_service_ids: BTreeSet::new(),
+            links_deferred: false,
+            frontends_per_id,
+            applied: BTreeMap::new(),
+            listers: BTreeMap::new(),
+            full_next: true,
         }
     }
 
@@ -511,6 +566,7 @@ impl<M: MapOps> Writer<M> {
             "Maglev table size {maglev_table_size} is not prime"
         );
         self.default_selection = default;
+        self.full_next = true;
         if maglev_table_size != self.maglev_table_size {
             // Tables of the old size are rewritten in full.
             self.maglev_table_size = maglev_table_size;
@@ -571,20 +627,44 @@ impl<M: MapOps> Writer<M> {
     ///
     /// A listed but not-ready backend keeps its `LB_BACKENDS` entry (with
     /// `BACKEND_F_NOT_READY`) and its `LB_REVNAT` links, and is in no slot.
+    ///
+    /// Cost: after an apply that wrote everything it meant to, the maps are
+    /// a fixed point for every service port that does not change, so the
+    /// next apply compares each service port with the one last applied and
+    /// runs the steps above only for the changed and removed ones, the
+    /// backends they list or listed, and the service ports sharing those
+    /// backends (whose reverse-NAT links can change). It writes exactly
+    /// what a full apply would, in the same order (a test compares both on
+    /// random histories). The first apply, one after a failed write or a
+    /// setting change, one after a Maglev service found no free table and
+    /// one after a reverse-NAT link was deferred look at everything.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let service_ids = self.assign_service_ids(desired);
+        self.links_deferred = false;
+        // Incremental unless the last apply left anything to retry: every
+        // service port outside the scope is then exactly as programmed,
+        // and a full apply would write nothing for it.
+        let scope = if self.full_next {
+            self.assign_service_ids(desired);
+            self.remember_all(desired);
+            None
+        } else {
+            Some(self.scope_changes(desired))
+        };
 
-        // What the desired state lists, per backend.
-        let mut wanted: BTreeMap<BackendAddr, WantedBackend> = BTreeMap::new();
-        for (name, port) in desired.services() {
-            let id = service_ids[name];
-            for (addr, readiness) in &port.backends {
-                let backend = wanted.entry(backend_key(*addr, name.proto)).or_default();
-                backend.ready_anywhere |= readiness.is_ready();
-                backend.services.insert(id);
-            }
-        }
+        // What the desired state lists, per backend (in scope).
+        let wanted: BTreeMap<BackendAddr, WantedBackend> = match &scope {
+            None => self
+                .listers
+                .iter()
+                .map(|(key, listers)| (*key, wanted_backend(listers)))
+                .collect(),
+            Some(scope) => scope
+                .backends
+                .iter()
+                .filter_map(|key| Some((*key, wanted_backend(self.listers.get(key)?))))
+                .collect(),
+        };
 
         // Step 1: backends and reverse-NAT additions.
         let mut usable: BTreeMap<BackendAddr, UsableBackend> = BTreeMap::new();
@@ -593,131 +673,91 @@ impl<M: MapOps> Writer<M> {
                 usable.insert(*key, usable_backend);
             }
         }
+        let services: Vec<(&ServicePortName, &ServicePort)> = match &scope {
+            None => desired.services().collect(),
+            Some(scope) => scope
+                .services
+                .iter()
+                .filter_map(|name| Some((name, desired.service(name)?)))
+                .collect(),
+        };
+        if let Some(scope) = &scope {
+            // Backends of service ports in scope that no change touches:
+            // as the last apply left them.
+            for (name, port) in &services {
+                for addr in port.backends.keys() {
+                    let key = backend_key(*addr, name.proto);
+                    if scope.backends.contains(&key) || usable.contains_key(&key) {
+                        continue;
+                    }
+                    if let Some(backend) = self.settled_backend(&key) {
+                        usable.insert(key, backend);
+                    }
+                }
+            }
+        }
 
         // Step 2: slots, then the counts that expose them.
-        for (name, port) in desired.services() {
-            let id = service_ids[name];
-            let ready: Vec<u32> = port
-                .ready_backends()
-                .filter_map(|addr| usable.get(&backend_key(addr, name.proto)))
-                .filter(|backend| backend.revnat.contains(&id))
-                .map(|backend| backend.id)
-                .collect();
-            let old = self.programmed.slot_run(id);
-            let new = slot_layout(&old, &ready);
-
-            if self.fresh_service_ids.remove(&id) {
-                // Before its frontends exist, so every count is its own.
-                self.write(
-                    MapWrite::ResetServiceStats {
-                        slot: id % MAX_SERVICE_STATS,
-                    },
-                    &mut report,
-                );
-            }
-            // Members before anything names them, so an affinity to a
-            // backend is followed as soon as new connections can reach it.
-            let mut members_written = true;
-            for &backend_id in &new {
-                let key = MemberKey {
-                    service_id: id,
-                    backend_id,
-                };
-                if !self.programmed.members.contains(&key)
-                    && !self.write(MapWrite::Member { key }, &mut report)
-                {
-                    members_written = false;
-                    break;
-                }
-            }
-            if !members_written {
-                continue;
-            }
-
-            let beyond_old = old.len()..new.len();
-            let rewrites = (0..old.len().min(new.len())).filter(|&slot| old[slot] != new[slot]);
-            let mut slots_written = true;
-            for slot in beyond_old.chain(rewrites) {
-                let key = SlotKey {
-                    service_id: id,
-                    slot: slot as u32,
-                };
-                let value = Slot {
-                    backend_id: new[slot],
-                };
-                if self.programmed.slots.get(&key) != Some(&value)
-                    && !self.write(MapWrite::Slot { key, value }, &mut report)
-                {
-                    slots_written = false;
-                    break;
-                }
-            }
-            if !slots_written {
-                continue;
-            }
-            let selection = port.selection.unwrap_or(self.default_selection);
-            let mut value = ServiceValue {
-                id,
-                backend_count: new.len() as u32,
-                affinity_timeout: port.affinity_timeout.unwrap_or(0),
-                ..ServiceValue::default()
-            };
-            if port.drop_without_backend {
-                value.flags |= SERVICE_F_DROP;
-            }
-            if selection == Selection::Maglev && !new.is_empty() {
-                let ready_backends: Vec<(SocketAddrV4, u32)> = port
-                    .ready_backends()
-                    .filter_map(|addr| {
-                        let backend = usable.get(&backend_key(addr, name.proto))?;
-                        backend.revnat.contains(&id).then_some((addr, backend.id))
-                    })
-                    .collect();
-                match self.program_maglev(id, name, &ready_backends, &mut report) {
-                    Some(Some(table)) => {
-                        value.flags |= SERVICE_F_MAGLEV;
-                        value.maglev_table = table;
-                    }
-                    // No free table: random selection (warned).
-                    Some(None) => {}
-                    // A table write failed: keep the service as it is.
-                    None => continue,
-                }
-            }
-            for frontend in &port.frontends {
-                let key = frontend.key();
-                if self.programmed.services.get(&key) != Some(&value) {
-                    self.write(MapWrite::Service { key, value }, &mut report);
-                }
-            }
+        for (name, port) in services {
+            let id = self.service_ids[name];
+            self.program_service(id, name, port, &usable, &mut report);
         }
 
         // Step 3: deleted frontends, then slots no count covers.
-        let desired_frontends: BTreeSet<ServiceKey> = desired
-            .frontends()
-            .map(|(frontend, _)| frontend.key())
-            .collect();
-        let stale_frontends: Vec<ServiceKey> = self
-            .programmed
-            .services
-            .keys()
-            .filter(|key| !desired_frontends.contains(key))
-            .copied()
-            .collect();
+        let stale_frontends: Vec<ServiceKey> = match &scope {
+            None => {
+                let desired_frontends: BTreeSet<ServiceKey> = desired
+                    .frontends()
+                    .map(|(frontend, _)| frontend.key())
+                    .collect();
+                self.programmed
+                    .services
+                    .keys()
+                    .filter(|key| !desired_frontends.contains(key))
+                    .copied()
+                    .collect()
+            }
+            Some(scope) => scope
+                .old_frontends
+                .iter()
+                .filter(|(key, frontend)| {
+                    desired.owner(frontend).is_none() && self.programmed.services.contains_key(key)
+                })
+                .map(|(key, _)| *key)
+                .collect(),
+        };
         for key in stale_frontends {
             self.write(MapWrite::DeleteService { key }, &mut report);
         }
-        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
-        for value in self.programmed.services.values() {
-            let count = counts.entry(value.id).or_default();
-            *count = (*count).max(value.backend_count);
-        }
+        let counts: BTreeMap<u32, u32> = match &scope {
+            None => {
+                let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+                for value in self.programmed.services.values() {
+                    let count = counts.entry(value.id).or_default();
+                    *count = (*count).max(value.backend_count);
+                }
+                counts
+            }
+            Some(scope) => scope
+                .ids
+                .iter()
+                .map(|(id, keys)| {
+                    let count = keys
+                        .iter()
+                        .filter_map(|key| self.programmed.services.get(key))
+                        .filter(|value| value.id == *id)
+                        .map(|value| value.backend_count)
+                        .max()
+                        .unwrap_or(0);
+                    (*id, count)
+                })
+                .collect(),
+        };
+        let count_of = |service_id: u32| counts.get(&service_id).copied().unwrap_or(0);
         let uncovered_slots: Vec<SlotKey> = self
-            .programmed
-            .slots
-            .keys()
-            .filter(|key| key.slot >= counts.get(&key.service_id).copied().unwrap_or(0))
-            .copied()
+            .slots_in(scope.as_ref())
+            .filter(|(key, _)| key.slot >= count_of(key.service_id))
+            .map(|(key, _)| *key)
             .collect();
         for key in uncovered_slots {
             self.write(MapWrite::DeleteSlot { key }, &mut report);
@@ -725,53 +765,136 @@ impl<M: MapOps> Writer<M> {
         // Members no covered slot names (removed or not-ready backends,
         // deleted services), once nothing can choose them any more.
         let covered_members: BTreeSet<MemberKey> = self
-            .programmed
-            .slots
-            .iter()
-            .filter(|(key, _)| key.slot < counts.get(&key.service_id).copied().unwrap_or(0))
+            .slots_in(scope.as_ref())
+            .filter(|(key, _)| key.slot < count_of(key.service_id))
             .map(|(key, slot)| MemberKey {
                 service_id: key.service_id,
                 backend_id: slot.backend_id,
             })
             .collect();
-        let stale_members: Vec<MemberKey> = self
-            .programmed
-            .members
-            .difference(&covered_members)
-            .copied()
-            .collect();
+        let stale_members: Vec<MemberKey> = match &scope {
+            None => self
+                .programmed
+                .members
+                .difference(&covered_members)
+                .copied()
+                .collect(),
+            Some(scope) => scope
+                .ids
+                .keys()
+                .flat_map(|&service_id| {
+                    self.programmed.members.range(
+                        MemberKey {
+                            service_id,
+                            backend_id: 0,
+                        }..=MemberKey {
+                            service_id,
+                            backend_id: u32::MAX,
+                        },
+                    )
+                })
+                .filter(|key| !covered_members.contains(key))
+                .copied()
+                .collect(),
+        };
         for key in stale_members {
             self.write(MapWrite::DeleteMember { key }, &mut report);
         }
         // Tables no frontend uses any more are free for other services.
-        let tables_in_use: BTreeSet<u16> = self
-            .programmed
-            .services
-            .values()
-            .filter(|value| value.flags & SERVICE_F_MAGLEV != 0)
-            .map(|value| value.maglev_table)
-            .collect();
-        let wants_maglev: BTreeSet<u32> = desired
-            .services()
-            .filter(|(_, port)| {
-                port.selection.unwrap_or(self.default_selection) == Selection::Maglev
-            })
-            .map(|(name, _)| service_ids[name])
-            .collect();
-        self.maglev_tables.retain(|service_id, table| {
-            wants_maglev.contains(service_id) || tables_in_use.contains(table)
-        });
-        self.maglev_overflow.retain(|id| wants_maglev.contains(id));
+        let default_selection = self.default_selection;
+        let wants_maglev =
+            |port: &ServicePort| port.selection.unwrap_or(default_selection) == Selection::Maglev;
+        let maglev_users = |value: &&ServiceValue| value.flags & SERVICE_F_MAGLEV != 0;
+        match &scope {
+            None => {
+                let tables_in_use: BTreeSet<u16> = self
+                    .programmed
+                    .services
+                    .values()
+                    .filter(maglev_users)
+                    .map(|value| value.maglev_table)
+                    .collect();
+                let wanting: BTreeSet<u32> = desired
+                    .services()
+                    .filter(|(_, port)| wants_maglev(port))
+                    .map(|(name, _)| self.service_ids[name])
+                    .collect();
+                self.maglev_tables.retain(|service_id, table| {
+                    wanting.contains(service_id) || tables_in_use.contains(table)
+                });
+                self.maglev_overflow.retain(|id| wanting.contains(id));
+            }
+            Some(scope) => {
+                // A table belongs to one service id, and only the
+                // frontends in scope can carry an id in scope.
+                let tables_in_use: BTreeSet<u16> = scope
+                    .ids
+                    .values()
+                    .flatten()
+                    .filter_map(|key| self.programmed.services.get(key))
+                    .filter(maglev_users)
+                    .map(|value| value.maglev_table)
+                    .collect();
+                let wanting: BTreeSet<u32> = scope
+                    .services
+                    .iter()
+                    .filter(|name| desired.service(name).is_some_and(wants_maglev))
+                    .map(|name| self.service_ids[name])
+                    .collect();
+                self.maglev_tables.retain(|service_id, table| {
+                    !scope.ids.contains_key(service_id)
+                        || wanting.contains(service_id)
+                        || tables_in_use.contains(table)
+                });
+                self.maglev_overflow
+                    .retain(|id| !scope.ids.contains_key(id) || wanting.contains(id));
+            }
+        }
 
         // Step 4: stale reverse-NAT links, then unreferenced backends.
         let mut slot_users: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-        for (key, slot) in &self.programmed.slots {
-            slot_users
-                .entry(slot.backend_id)
-                .or_default()
-                .insert(key.service_id);
+        match &scope {
+            None => {
+                for (key, slot) in &self.programmed.slots {
+                    slot_users
+                        .entry(slot.backend_id)
+                        .or_default()
+                        .insert(key.service_id);
+                }
+            }
+            Some(scope) => {
+                // Only the service ports that list a backend, now or
+                // before, can have a slot naming it.
+                for key in &scope.backends {
+                    let Some(&backend_id) = self.backend_ids.get(key) else {
+                        continue;
+                    };
+                    let listers = self
+                        .listers
+                        .get(key)
+                        .into_iter()
+                        .flat_map(|listers| listers.values().map(|(id, _)| *id))
+                        .chain(scope.old_listers.get(key).into_iter().flatten().copied());
+                    for service_id in listers {
+                        if self
+                            .service_slots(service_id)
+                            .any(|(_, slot)| slot.backend_id == backend_id)
+                        {
+                            slot_users.entry(backend_id).or_default().insert(service_id);
+                        }
+                    }
+                }
+            }
         }
-        let revnat_keys: Vec<BackendAddr> = self.programmed.revnat.keys().copied().collect();
+        let revnat_keys: Vec<BackendAddr> = match &scope {
+            None => self.programmed.revnat.keys().copied().collect(),
+            Some(scope) => scope
+                .backends
+                .iter()
+                .filter(|key| self.programmed.revnat.contains_key(key))
+                .copied()
+                .collect(),
+        };
         for key in revnat_keys {
             if wanted.contains_key(&key) && !usable.contains_key(&key) {
                 // Its update failed in step 1: leave it as it is.
@@ -779,7 +902,7 @@ impl<M: MapOps> Writer<M> {
             }
             let mut ids: BTreeSet<u32> = usable
                 .get(&key)
-                .map(|backend| backend.revnat.clone())
+                .map(|backend| backend.links.clone())
                 .unwrap_or_default();
             if let Some(users) = self.backend_ids.get(&key).and_then(|id| slot_users.get(id)) {
                 // A slot still names it (a failed write): keep its link.
@@ -809,12 +932,23 @@ impl<M: MapOps> Writer<M> {
         for write in flag_changes {
             self.write(write, &mut report);
         }
-        let programmed_backends: Vec<(u32, Backend)> = self
-            .programmed
-            .backends
-            .iter()
-            .map(|(id, backend)| (*id, *backend))
-            .collect();
+        let programmed_backends: Vec<(u32, Backend)> = match &scope {
+            None => self
+                .programmed
+                .backends
+                .iter()
+                .map(|(id, backend)| (*id, *backend))
+                .collect(),
+            Some(scope) => scope
+                .backends
+                .iter()
+                .filter(|key| !wanted.contains_key(key))
+                .filter_map(|key| self.backend_ids.get(key))
+                .filter_map(|id| Some((*id, *self.programmed.backends.get(id)?)))
+                .collect::<BTreeMap<u32, Backend>>()
+                .into_iter()
+                .collect(),
+        };
         for (id, backend) in programmed_backends {
             let key = BackendAddr::new(backend.addr, backend.port, backend.proto);
             let canonical = self.backend_ids.get(&key) == Some(&id);
@@ -835,22 +969,289 @@ impl<M: MapOps> Writer<M> {
             }
         }
 
+        // A service waiting for a Maglev table retries on every apply, and
+        // one waiting for a reverse-NAT link in the next.
+        self.full_next =
+            report.failures > 0 || !self.maglev_overflow.is_empty() || self.links_deferred;
         report.frontends = self.programmed.services.len();
-        report.service_ports = self
-            .programmed
-            .services
-            .values()
-            .map(|value| value.id)
-            .collect::<BTreeSet<_>>()
-            .len();
+        report.service_ports = self.frontends_per_id.len();
         report.backends = self.programmed.backends.len();
         report
+    }
+
+    /// Step 2 for one service port: its members, slots, Maglev table and
+    /// frontends. Stops at the first failed write, leaving the service as
+    /// it was programmed.
+    fn program_service(
+        &mut self,
+        id: u32,
+        name: &ServicePortName,
+        port: &ServicePort,
+        usable: &BTreeMap<BackendAddr, UsableBackend>,
+        report: &mut ApplyReport,
+    ) {
+        let ready: Vec<u32> = port
+            .ready_backends()
+            .filter_map(|addr| usable.get(&backend_key(addr, name.proto)))
+            .filter(|backend| backend.revnat.contains(&id))
+            .map(|backend| backend.id)
+            .collect();
+        let old = self.programmed.slot_run(id);
+        let new = slot_layout(&old, &ready);
+
+        if self.fresh_service_ids.remove(&id) {
+            // Before its frontends exist, so every count is its own.
+            self.write(
+                MapWrite::ResetServiceStats {
+                    slot: id % MAX_SERVICE_STATS,
+                },
+                report,
+            );
+        }
+        if port.frontends.is_empty() {
+            // Unreachable (its frontends belong to other service ports):
+            // slots no count would cover would only be deleted again.
+            return;
+        }
+        // Members before anything names them, so an affinity to a
+        // backend is followed as soon as new connections can reach it.
+        for &backend_id in &new {
+            let key = MemberKey {
+                service_id: id,
+                backend_id,
+            };
+            if !self.programmed.members.contains(&key)
+                && !self.write(MapWrite::Member { key }, report)
+            {
+                return;
+            }
+        }
+
+        let beyond_old = old.len()..new.len();
+        let rewrites = (0..old.len().min(new.len())).filter(|&slot| old[slot] != new[slot]);
+        for slot in beyond_old.chain(rewrites) {
+            let key = SlotKey {
+                service_id: id,
+                slot: slot as u32,
+            };
+            let value = Slot {
+                backend_id: new[slot],
+            };
+            if self.programmed.slots.get(&key) != Some(&value)
+                && !self.write(MapWrite::Slot { key, value }, report)
+            {
+                return;
+            }
+        }
+        let selection = port.selection.unwrap_or(self.default_selection);
+        let mut value = ServiceValue {
+            id,
+            backend_count: new.len() as u32,
+            affinity_timeout: port.affinity_timeout.unwrap_or(0),
+            ..ServiceValue::default()
+        };
+        if port.drop_without_backend {
+            value.flags |= SERVICE_F_DROP;
+        }
+        if selection == Selection::Maglev && !new.is_empty() {
+            let ready_backends: Vec<(SocketAddrV4, u32)> = port
+                .ready_backends()
+                .filter_map(|addr| {
+                    let backend = usable.get(&backend_key(addr, name.proto))?;
+                    backend.revnat.contains(&id).then_some((addr, backend.id))
+                })
+                .collect();
+            match self.program_maglev(id, name, &ready_backends, report) {
+                Some(Some(table)) => {
+                    value.flags |= SERVICE_F_MAGLEV;
+                    value.maglev_table = table;
+                }
+                // No free table: random selection (warned).
+                Some(None) => {}
+                // A table write failed: keep the service as it is.
+                None => return,
+            }
+        }
+        for frontend in &port.frontends {
+            let key = frontend.key();
+            if self.programmed.services.get(&key) != Some(&value) {
+                self.write(MapWrite::Service { key, value }, report);
+            }
+        }
+    }
+
+    /// Programmed slots of the service ids in scope (all without a scope),
+    /// in key order.
+    fn slots_in<'a>(
+        &'a self,
+        scope: Option<&'a Scope>,
+    ) -> Box<dyn Iterator<Item = (&'a SlotKey, &'a Slot)> + 'a> {
+        match scope {
+            None => Box::new(self.programmed.slots.iter()),
+            Some(scope) => Box::new(scope.ids.keys().flat_map(|&id| self.service_slots(id))),
+        }
+    }
+
+    /// Programmed slots of one service id, in slot order.
+    fn service_slots(&self, service_id: u32) -> impl Iterator<Item = (&SlotKey, &Slot)> {
+        self.programmed.slots.range(
+            SlotKey {
+                service_id,
+                slot: 0,
+            }..=SlotKey {
+                service_id,
+                slot: u32::MAX,
+            },
+        )
+    }
+
+    /// A backend no change of this apply touches, as the last apply
+    /// programmed it (which a full apply would leave as it is).
+    fn settled_backend(&self, key: &BackendAddr) -> Option<UsableBackend> {
+        let id = *self.backend_ids.get(key)?;
+        let final_value = *self.programmed.backends.get(&id)?;
+        let listers: BTreeSet<u32> = self.listers.get(key)?.values().map(|(id, _)| *id).collect();
+        let links: BTreeSet<u32> = listers.into_iter().take(MAX_REVNAT_SERVICES).collect();
+        Some(UsableBackend {
+            id,
+            revnat: links.clone(),
+            links,
+            final_value,
+        })
+    }
+
+    /// Remembers every desired service port and who lists each backend,
+    /// for the next apply to find what changed.
+    fn remember_all(&mut self, desired: &DesiredState) {
+        self.applied = desired
+            .services()
+            .map(|(name, port)| (name.clone(), port.clone()))
+            .collect();
+        self.listers.clear();
+        for (name, port) in desired.services() {
+            let id = self.service_ids[name];
+            for (addr, readiness) in &port.backends {
+                self.listers
+                    .entry(backend_key(*addr, name.proto))
+                    .or_default()
+                    .insert(name.clone(), (id, *readiness));
+            }
+        }
+    }
+
+    /// Finds the service ports that changed since the last apply (by
+    /// comparing each with the one last applied), gives new ones their id,
+    /// drops removed ones' ids, updates what is remembered, and returns
+    /// what this apply must look at.
+    fn scope_changes(&mut self, desired: &DesiredState) -> Scope {
+        // Both in name order: one merged walk.
+        let mut changed: Vec<ServicePortName> = Vec::new();
+        let mut removed: Vec<ServicePortName> = Vec::new();
+        let mut applied = self.applied.iter().peekable();
+        for (name, port) in desired.services() {
+            while let Some((old_name, _)) = applied.next_if(|(old_name, _)| *old_name < name) {
+                removed.push(old_name.clone());
+            }
+            match applied.next_if(|(old_name, _)| *old_name == name) {
+                Some((_, old_port)) if old_port == port => {}
+                _ => changed.push(name.clone()),
+            }
+        }
+        removed.extend(applied.map(|(name, _)| name.clone()));
+
+        // New ids in name order, while removed ones are still taken (as
+        // `assign_service_ids` does).
+        for name in &changed {
+            if !self.service_ids.contains_key(name) {
+                let id = self.new_service_id(&BTreeMap::new());
+                self.fresh_service_ids.insert(id);
+                self.service_ids.insert(name.clone(), id);
+            }
+        }
+
+        let mut scope = Scope {
+            services: changed.iter().cloned().collect(),
+            ids: BTreeMap::new(),
+            backends: BTreeSet::new(),
+            old_listers: BTreeMap::new(),
+            old_frontends: BTreeSet::new(),
+        };
+        for name in changed.iter().chain(&removed) {
+            let id = self.service_ids[name];
+            let frontends = scope.ids.entry(id).or_default();
+            if let Some(old) = self.applied.get(name) {
+                for frontend in &old.frontends {
+                    frontends.insert(frontend.key());
+                    scope.old_frontends.insert((frontend.key(), *frontend));
+                }
+                for addr in old.backends.keys() {
+                    scope.backends.insert(backend_key(*addr, name.proto));
+                }
+            }
+            if let Some(new) = desired.service(name) {
+                for addr in new.backends.keys() {
+                    scope.backends.insert(backend_key(*addr, name.proto));
+                }
+            }
+        }
+        for key in &scope.backends {
+            let ids = self
+                .listers
+                .get(key)
+                .into_iter()
+                .flat_map(|listers| listers.values().map(|(id, _)| *id))
+                .collect();
+            scope.old_listers.insert(*key, ids);
+        }
+
+        for name in changed.iter().chain(&removed) {
+            if let Some(old) = self.applied.remove(name) {
+                for addr in old.backends.keys() {
+                    let key = backend_key(*addr, name.proto);
+                    if let Some(listers) = self.listers.get_mut(&key) {
+                        listers.remove(name);
+                        if listers.is_empty() {
+                            self.listers.remove(&key);
+                        }
+                    }
+                }
+            }
+            if let Some(new) = desired.service(name) {
+                let id = self.service_ids[name];
+                for (addr, readiness) in &new.backends {
+                    self.listers
+                        .entry(backend_key(*addr, name.proto))
+                        .or_default()
+                        .insert(name.clone(), (id, *readiness));
+                }
+                self.applied.insert(name.clone(), new.clone());
+            }
+        }
+        for name in &removed {
+            self.service_ids.remove(name);
+        }
+
+        // Service ports sharing a backend with a change: its reverse-NAT
+        // links or usability may change their slots.
+        for key in &scope.backends {
+            if let Some(listers) = self.listers.get(key) {
+                scope.services.extend(listers.keys().cloned());
+            }
+        }
+        for name in &scope.services {
+            let id = self.service_ids[name];
+            let frontends = scope.ids.entry(id).or_default();
+            if let Some(port) = desired.service(name) {
+                frontends.extend(port.frontends.iter().map(|frontend| frontend.key()));
+            }
+        }
+        scope
     }
 
     /// Gives every desired service port its id: the one it has, else one a
     /// previous instance used for one of its frontends, else a new one.
     /// Ids of service ports no longer desired are dropped for good.
-    fn assign_service_ids(&mut self, desired: &DesiredState) -> BTreeMap<ServicePortName, u32> {
+    fn assign_service_ids(&mut self, desired: &DesiredState) {
         let mut ids = BTreeMap::new();
         for (name, port) in desired.services() {
             let id = match self.service_ids.get(name) {
@@ -876,8 +1277,7 @@ impl<M: MapOps> Writer<M> {
         }
         // Only the first desired state can claim a previous instance's ids.
         self.inherited_ids.clear();
-        self.service_ids = ids.clone();
-        ids
+        self.service_ids = ids;
     }
 
     /// The next unused service id whose counter entry no live service
@@ -997,18 +1397,40 @@ impl<M: MapOps> Writer<M> {
         } else {
             self.revnat_overflow.remove(key);
         }
-        // Add the new links now; links to remove stay until step 4.
+        // Add the new links now; links to remove stay until step 4, as a
+        // slot may still name the backend for them. A new link that does
+        // not fit beside them waits for step 4 (its service does not name
+        // the backend in this apply), and the next apply adds it.
         let current = self.programmed.revnat.get(key).copied();
         let current_ids = current.as_ref().map(revnat_ids).unwrap_or_default();
-        let union = revnat_value(
-            revnat.iter().copied().chain(
-                current_ids
-                    .iter()
-                    .copied()
-                    .filter(|id| !revnat.contains(id)),
-            ),
-        );
-        let adds = revnat.iter().any(|id| !current_ids.contains(id));
+        let additions = revnat
+            .iter()
+            .copied()
+            .filter(|id| !current_ids.contains(id));
+        let union = if additions.clone().count() + current_ids.len() <= MAX_REVNAT_SERVICES {
+            revnat_value(
+                revnat.iter().copied().chain(
+                    current_ids
+                        .iter()
+                        .copied()
+                        .filter(|id| !revnat.contains(id)),
+                ),
+            )
+        } else {
+            revnat_value(current_ids.iter().copied().chain(additions))
+        };
+        let linked = revnat_ids(&union);
+        let adds = revnat
+            .iter()
+            .any(|id| !current_ids.contains(id) && linked.contains(id));
+        let usable_by: BTreeSet<u32> = revnat
+            .iter()
+            .copied()
+            .filter(|id| linked.contains(id))
+            .collect();
+        if usable_by.len() < revnat.len() {
+            self.links_deferred = true;
+        }
         if adds
             && !self.write(
                 MapWrite::RevNat {
@@ -1022,7 +1444,8 @@ impl<M: MapOps> Writer<M> {
         }
         Some(UsableBackend {
             id,
-            revnat,
+            revnat: usable_by,
+            links: revnat,
             final_value,
         })
     }
@@ -1112,11 +1535,32 @@ impl<M: MapOps> Writer<M> {
         }
     }
 
+    /// Keeps [`Self::frontends_per_id`] for a successful write, before the
+    /// mirror takes it.
+    fn count_frontend_ids(&mut self, write: &MapWrite) {
+        let (key, new_id) = match write {
+            MapWrite::Service { key, value } => (key, Some(value.id)),
+            MapWrite::DeleteService { key } => (key, None),
+            _ => return,
+        };
+        if let Some(old) = self.programmed.services.get(key) {
+            let count = self.frontends_per_id.entry(old.id).or_default();
+            *count -= 1;
+            if *count == 0 {
+                self.frontends_per_id.remove(&old.id);
+            }
+        }
+        if let Some(id) = new_id {
+            *self.frontends_per_id.entry(id).or_default() += 1;
+        }
+    }
+
     /// Carries out one write; on success mirrors it, on failure logs and
     /// counts it. Returns whether it succeeded.
     fn write(&mut self, write: MapWrite, report: &mut ApplyReport) -> bool {
         match self.maps.write(&write) {
             Ok(()) => {
+                self.count_frontend_ids(&write);
                 self.programmed.apply(&write);
                 report.writes += 1;
                 true
@@ -1156,6 +1600,8 @@ mod tests {
         highest_flow_service_id: u32,
         /// Entries of `LB_MAGLEV`; tests use tables of [`TEST_MAGLEV_SIZE`].
         maglev_capacity: u32,
+        /// Skip the invariant checks (timing tests on large states).
+        unchecked: bool,
     }
 
     /// A small prime table size, so invariants can check whole tables
@@ -1199,7 +1645,9 @@ mod tests {
             }
             self.contents.apply(write);
             self.log.push(*write);
-            check_invariants(&self.contents, self.log.len());
+            if !self.unchecked {
+                check_invariants(&self.contents, self.log.len());
+            }
             Ok(())
         }
 
@@ -2162,5 +2610,225 @@ mod tests {
         ])));
         assert_ne!(backend_id(&node_a, 10), backend_id(&node_b, 10));
         assert_eq!(maglev_table(&node_a, web), maglev_table(&node_b, web));
+    }
+
+    /// A small deterministic generator (xorshift64*), so the randomized
+    /// tests are reproducible without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// A random service port: frontends and backends from small pools, so
+    /// service ports share backends (beyond `LB_REVNAT`'s capacity at
+    /// times), trade frontends, and collide on them.
+    fn random_port(rng: &mut Rng, pods: u64) -> ServicePort {
+        let frontends = (0..1 + rng.below(2))
+            .map(|_| frontend(1 + rng.below(16) as u8, 80))
+            .collect();
+        let backends = (0..rng.below(7))
+            .map(|_| {
+                let readiness = if rng.chance(75) {
+                    Readiness::Ready
+                } else {
+                    Readiness::NotReady
+                };
+                (pod(10 + rng.below(pods) as u8), readiness)
+            })
+            .collect();
+        let selection = match rng.below(8) {
+            0 => Some(Selection::Maglev),
+            1 | 2 => Some(Selection::Random),
+            _ => None,
+        };
+        ServicePort {
+            frontends,
+            backends,
+            affinity_timeout: rng.chance(20).then_some(60),
+            selection,
+            drop_without_backend: rng.chance(20),
+        }
+    }
+
+    fn desired_state(ports: &BTreeMap<String, ServicePort>) -> DesiredState {
+        let mut desired = DesiredState::new();
+        for (service, port) in ports {
+            // Conflicting frontends stay with the first owner.
+            desired.insert(name(service), port.clone());
+        }
+        desired
+    }
+
+    /// The incremental apply writes exactly what a full apply writes, in
+    /// the same order, over a long random history of small changes (with
+    /// Maglev table exhaustion along the way): two writers see the same
+    /// states, one forced to look at everything on every apply. Once with
+    /// few pods, so backends are shared beyond `LB_REVNAT`'s capacity;
+    /// once with more pods and map-full failures now and then.
+    #[test]
+    fn incremental_apply_writes_what_a_full_apply_writes() {
+        compare_with_full_applies(0x9e37_79b9_7f4a_7c15, 10, 0);
+        compare_with_full_applies(0x5851_f42d_4c95_7f2d, 24, 5);
+    }
+
+    fn compare_with_full_applies(seed: u64, pods: u64, failure_percent: u64) {
+        let mut rng = Rng(seed);
+        let mut incremental = writer();
+        let mut full = writer();
+        // Three tables: enough most of the time, not always.
+        incremental.maps.maglev_capacity = 3 * TEST_MAGLEV_SIZE;
+        full.maps.maglev_capacity = 3 * TEST_MAGLEV_SIZE;
+        let mut ports: BTreeMap<String, ServicePort> = BTreeMap::new();
+        let mut incremental_applies = 0;
+        for step in 0..2000 {
+            // Change one to three service ports: add, remove, replace, or
+            // flip one backend's readiness.
+            for _ in 0..1 + rng.below(3) {
+                let service = format!("svc{:02}", rng.below(20));
+                match rng.below(10) {
+                    0 => {
+                        ports.remove(&service);
+                    }
+                    1..=3 => {
+                        if let Some(port) = ports.get_mut(&service)
+                            && let Some((_, readiness)) = port.backends.iter_mut().next()
+                        {
+                            *readiness = match readiness {
+                                Readiness::Ready => Readiness::NotReady,
+                                Readiness::NotReady => Readiness::Ready,
+                            };
+                        }
+                    }
+                    _ => {
+                        ports.insert(service, random_port(&mut rng, pods));
+                    }
+                }
+            }
+            // Now and then a full slot map refuses new slots.
+            let slot_capacity = rng
+                .chance(failure_percent)
+                .then(|| full.maps.contents.slots.len() + 1);
+            incremental.maps.slot_capacity = slot_capacity;
+            full.maps.slot_capacity = slot_capacity;
+
+            let desired = desired_state(&ports);
+            if !incremental.full_next {
+                incremental_applies += 1;
+            }
+            full.full_next = true;
+            let incremental_report = incremental.apply(&desired);
+            let full_report = full.apply(&desired);
+            assert_eq!(
+                take_log(&mut incremental),
+                take_log(&mut full),
+                "step {step}: writes differ"
+            );
+            assert_eq!(incremental_report, full_report, "step {step}");
+            assert_eq!(incremental.maps.contents, full.maps.contents, "step {step}");
+            assert_eq!(incremental.programmed, full.programmed, "step {step}");
+            assert_eq!(incremental.programmed, incremental.maps.contents);
+            assert_eq!(incremental.service_ids, full.service_ids, "step {step}");
+            assert_eq!(incremental.backend_ids, full.backend_ids, "step {step}");
+            assert_eq!(incremental.maglev_tables, full.maglev_tables, "step {step}");
+        }
+        // Most applies took the incremental path.
+        println!("{incremental_applies} of 2000 applies were incremental");
+        assert!(
+            incremental_applies > 1000,
+            "{incremental_applies} incremental applies"
+        );
+    }
+
+    /// Writer apply time for one changed service port among many
+    /// (`cargo +1.98.0 test --release -p lb-agent --lib apply_time -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "timing report, run by hand in release"]
+    fn apply_time_for_one_changed_service_port() {
+        for services in [1_000u32, 10_000] {
+            let endpoints = 10u32;
+            let mut maps = FakeMaps::new();
+            maps.backend_capacity = services * endpoints + 1;
+            maps.unchecked = true;
+            let mut writer = Writer::new(maps);
+            writer.set_selection(Selection::Random, TEST_MAGLEV_SIZE);
+            let service_name = |index: u32| name(&format!("svc{index:05}"));
+            let port_of = |index: u32, ready_until: u32| ServicePort {
+                frontends: [Frontend {
+                    addr: Ipv4Addr::from(0xc612_0000 + index),
+                    port: 80,
+                    proto: Protocol::Tcp,
+                }]
+                .into(),
+                backends: (0..endpoints)
+                    .map(|endpoint| {
+                        let addr = Ipv4Addr::from(0xc613_0000 + index * endpoints + endpoint);
+                        let readiness = if endpoint < ready_until {
+                            Readiness::Ready
+                        } else {
+                            Readiness::NotReady
+                        };
+                        (SocketAddrV4::new(addr, 8080), readiness)
+                    })
+                    .collect(),
+                ..ServicePort::default()
+            };
+            let mut desired = DesiredState::new();
+            for index in 0..services {
+                desired.insert(service_name(index), port_of(index, endpoints));
+            }
+            writer.apply(&desired);
+
+            let rounds = 50;
+            let mut timings = [std::time::Duration::ZERO; 2];
+            for round in 0..rounds {
+                // One endpoint of one service turns not ready, then ready
+                // again in the next round.
+                let index = (round / 2 * 7919) % services;
+                let ready_until = if round % 2 == 0 {
+                    endpoints - 1
+                } else {
+                    endpoints
+                };
+                let mut changed = DesiredState::new();
+                for (name, port) in desired.services() {
+                    let port = if *name == service_name(index) {
+                        port_of(index, ready_until)
+                    } else {
+                        port.clone()
+                    };
+                    changed.insert(name.clone(), port);
+                }
+                desired = changed;
+                // Alternately incremental and full (as before incremental
+                // applies existed).
+                let full_path = (round / 2) % 2 == 1;
+                writer.full_next = full_path;
+                let started = std::time::Instant::now();
+                let report = writer.apply(&desired);
+                timings[usize::from(full_path)] += started.elapsed();
+                assert_eq!(report.failures, 0);
+                assert!(report.writes > 0);
+            }
+            let per_apply = |total: std::time::Duration| total / (rounds / 2);
+            println!(
+                "{services} service ports x {endpoints} endpoints, one changed: incremental apply {:?}, full apply {:?}",
+                per_apply(timings[0]),
+                per_apply(timings[1])
+            );
+        }
     }
 }
