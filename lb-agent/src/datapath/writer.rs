@@ -1161,9 +1161,10 @@ impl<M: MapOps> Writer<M> {
 
         // New ids in name order, while removed ones are still taken (as
         // `assign_service_ids` does).
+        let mut taken = self.taken_stats_entries();
         for name in &changed {
             if !self.service_ids.contains_key(name) {
-                let id = self.new_service_id(&BTreeMap::new());
+                let id = self.new_service_id(&mut taken);
                 self.fresh_service_ids.insert(id);
                 self.service_ids.insert(name.clone(), id);
             }
@@ -1253,6 +1254,9 @@ impl<M: MapOps> Writer<M> {
     /// Ids of service ports no longer desired are dropped for good.
     fn assign_service_ids(&mut self, desired: &DesiredState) {
         let mut ids = BTreeMap::new();
+        // Built once per apply and kept up to date, not once per new id:
+        // 30,000 new services would otherwise cost 30,000 set builds.
+        let mut taken = self.taken_stats_entries();
         for (name, port) in desired.services() {
             let id = match self.service_ids.get(name) {
                 Some(id) => *id,
@@ -1264,7 +1268,7 @@ impl<M: MapOps> Writer<M> {
                     let id = match inherited {
                         Some(id) => id,
                         None => {
-                            let id = self.new_service_id(&ids);
+                            let id = self.new_service_id(&mut taken);
                             self.fresh_service_ids.insert(id);
                             id
                         }
@@ -1280,22 +1284,26 @@ impl<M: MapOps> Writer<M> {
         self.service_ids = ids;
     }
 
-    /// The next unused service id whose counter entry no live service
-    /// uses (live: `assigned` in this apply, or kept from the last one),
-    /// unless every entry is taken.
-    fn new_service_id(&mut self, assigned: &BTreeMap<ServicePortName, u32>) -> u32 {
-        let taken: BTreeSet<u32> = assigned
+    /// The counter entries (`id % MAX_SERVICE_STATS`) of the live service
+    /// ids: kept from the last apply, or inherited from a previous instance.
+    fn taken_stats_entries(&self) -> BTreeSet<u32> {
+        self.service_ids
             .values()
-            .chain(self.service_ids.values())
             .chain(self.inherited_ids.values())
             .map(|id| id % MAX_SERVICE_STATS)
-            .collect();
+            .collect()
+    }
+
+    /// The next unused service id whose counter entry no live service
+    /// uses (`taken`, which the new id joins), unless every entry is taken.
+    fn new_service_id(&mut self, taken: &mut BTreeSet<u32>) -> u32 {
         let mut id = self.next_service_id;
         if (taken.len() as u32) < MAX_SERVICE_STATS {
             while taken.contains(&(id % MAX_SERVICE_STATS)) {
                 id += 1;
             }
         }
+        taken.insert(id % MAX_SERVICE_STATS);
         self.next_service_id = id + 1;
         id
     }
