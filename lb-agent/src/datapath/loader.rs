@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapError};
 use aya::programs::tc::SchedClassifierLinkId;
@@ -205,6 +206,14 @@ fn check_bpffs(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// How long a start waits for the pin directory's lock before it decides
+/// another agent owns it. The lock can be held for a moment by an instance
+/// that is exiting (a rolling restart), or by a child process forked by
+/// another thread of the previous owner's process between its fork and
+/// exec (a flock belongs to the open file, which the child shares until
+/// exec closes it).
+const PIN_DIR_LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// Takes an exclusive lock on the pin directory, so two agents never
 /// share (and fight over) one set of maps.
 fn lock_pin_dir(pin_dir: &Path) -> Result<File, LoadError> {
@@ -213,16 +222,21 @@ fn lock_pin_dir(pin_dir: &Path) -> Result<File, LoadError> {
         source,
     };
     let dir = File::open(pin_dir).map_err(lock_error)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let deadline = Instant::now() + PIN_DIR_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(dir);
+        }
         let error = io::Error::last_os_error();
-        return Err(if error.kind() == io::ErrorKind::WouldBlock {
-            LoadError::PinDirInUse(pin_dir.to_owned())
-        } else {
-            lock_error(error)
-        });
+        if error.kind() != io::ErrorKind::WouldBlock {
+            return Err(lock_error(error));
+        }
+        if Instant::now() >= deadline {
+            return Err(LoadError::PinDirInUse(pin_dir.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(dir)
 }
 
 impl Datapath {
