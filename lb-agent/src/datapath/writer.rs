@@ -131,6 +131,17 @@ fn ipv4(addr_be: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::from_be(addr_be))
 }
 
+/// `addr:port/proto` of a key or value stored in network byte order, as
+/// the write log prints frontends and backends.
+fn l4(addr: u32, port: u16, proto: u8) -> String {
+    format!(
+        "{}:{}/{}",
+        ipv4(addr),
+        u16::from_be(port),
+        display_proto(proto)
+    )
+}
+
 fn display_proto(proto: u8) -> &'static str {
     lb_common::proto::name(proto)
 }
@@ -141,20 +152,12 @@ impl fmt::Display for MapWrite {
         match self {
             MapWrite::Service { key, value } => write!(
                 f,
-                "{}:{}/{} -> id {} count {}",
-                ipv4(key.addr),
-                u16::from_be(key.port),
-                display_proto(key.proto),
+                "{} -> id {} count {}",
+                l4(key.addr, key.port, key.proto),
                 value.id,
                 value.backend_count
             )?,
-            MapWrite::DeleteService { key } => write!(
-                f,
-                "{}:{}/{}",
-                ipv4(key.addr),
-                u16::from_be(key.port),
-                display_proto(key.proto)
-            )?,
+            MapWrite::DeleteService { key } => f.write_str(&l4(key.addr, key.port, key.proto))?,
             MapWrite::Slot { key, value } => write!(
                 f,
                 "service {} slot {} -> backend {}",
@@ -165,28 +168,18 @@ impl fmt::Display for MapWrite {
             }
             MapWrite::Backend { id, value } if value.is_active() => write!(
                 f,
-                "backend {id} -> {}:{}/{} flags {:#x}",
-                ipv4(value.addr),
-                u16::from_be(value.port),
-                display_proto(value.proto),
+                "backend {id} -> {} flags {:#x}",
+                l4(value.addr, value.port, value.proto),
                 value.flags
             )?,
             MapWrite::Backend { id, .. } => write!(f, "backend {id} -> free")?,
             MapWrite::RevNat { key, value } => write!(
                 f,
-                "{}:{}/{} -> services {:?}",
-                ipv4(key.addr),
-                u16::from_be(key.port),
-                display_proto(key.proto),
+                "{} -> services {:?}",
+                l4(key.addr, key.port, key.proto),
                 &value.service_ids[..value.count as usize]
             )?,
-            MapWrite::DeleteRevNat { key } => write!(
-                f,
-                "{}:{}/{}",
-                ipv4(key.addr),
-                u16::from_be(key.port),
-                display_proto(key.proto)
-            )?,
+            MapWrite::DeleteRevNat { key } => f.write_str(&l4(key.addr, key.port, key.proto))?,
             MapWrite::Member { key } | MapWrite::DeleteMember { key } => {
                 write!(f, "service {} backend {}", key.service_id, key.backend_id)?
             }
@@ -1329,10 +1322,8 @@ impl<M: MapOps> Writer<M> {
                     report.failures += 1;
                     self.map_errors += 1;
                     error!(
-                        "no free backend id for {}:{}/{} ({MAP_BACKENDS} holds {} entries; raise --max-backends)",
-                        ipv4(key.addr),
-                        u16::from_be(key.port),
-                        display_proto(key.proto),
+                        "no free backend id for {} ({MAP_BACKENDS} holds {} entries; raise --max-backends)",
+                        l4(key.addr, key.port, key.proto),
                         self.backend_capacity
                     );
                     return None;
@@ -1394,10 +1385,8 @@ impl<M: MapOps> Writer<M> {
         if backend.services.len() > MAX_REVNAT_SERVICES {
             if self.revnat_overflow.insert(*key) {
                 warn!(
-                    "backend {}:{}/{} is listed by {} service ports; only {MAX_REVNAT_SERVICES} can use it (service ids {:?})",
-                    ipv4(key.addr),
-                    u16::from_be(key.port),
-                    display_proto(key.proto),
+                    "backend {} is listed by {} service ports; only {MAX_REVNAT_SERVICES} can use it (service ids {:?})",
+                    l4(key.addr, key.port, key.proto),
                     backend.services.len(),
                     revnat
                 );

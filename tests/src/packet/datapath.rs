@@ -239,6 +239,19 @@ impl Datapath {
         HashMap::try_from(self.map_mut(name)?).map_err(map_error(name, "open"))
     }
 
+    /// The value under `key` in hash map `name`, `None` if there is none.
+    fn hash_get<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>> {
+        match self.hash_map_mut::<K, V>(name)?.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_error(name, "get")(source)),
+        }
+    }
+
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
         let name = names::MAP_CONFIG;
         let mut map: Array<_, DatapathConfig> =
@@ -281,15 +294,7 @@ impl Datapath {
     }
 
     pub fn revnat(&mut self, backend: &BackendAddr) -> Result<Option<RevNat>> {
-        let name = names::MAP_REVNAT;
-        match self
-            .hash_map_mut::<BackendAddr, RevNat>(name)?
-            .get(backend, 0)
-        {
-            Ok(value) => Ok(Some(value)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(map_error(name, "get")(source)),
-        }
+        self.hash_get(names::MAP_REVNAT, backend)
     }
 
     pub fn set_revnat(&mut self, backend: &BackendAddr, value: &RevNat) -> Result<()> {
@@ -365,12 +370,7 @@ impl Datapath {
     }
 
     pub fn flow(&mut self, key: &FlowKey) -> Result<Option<Flow>> {
-        let name = names::MAP_CONNTRACK;
-        match self.hash_map_mut::<FlowKey, Flow>(name)?.get(key, 0) {
-            Ok(flow) => Ok(Some(flow)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(map_error(name, "get")(source)),
-        }
+        self.hash_get(names::MAP_CONNTRACK, key)
     }
 
     pub fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
