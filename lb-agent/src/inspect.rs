@@ -600,7 +600,7 @@ mod tests {
             affinity_timeout: 0,
             counters: ServiceCounters::from(&ServiceStats {
                 new_flows: 5,
-                drops: [0, 2, 0, 0, 0, 0],
+                drops: [0, 2, 0, 0, 0, 0, 0, 0, 0],
                 ..ServiceStats::default()
             }),
             backends: vec![

@@ -169,7 +169,8 @@ fn kept_pins_are_reused_with_their_flows_and_ids() {
         backend_id: backend.id,
         last_seen: 0,
         flags: FLOW_F_REPLY_SEEN,
-        _pad: [0; 3],
+        _pad: 0,
+        nat_port: 0,
     };
     {
         let data = MapData::from_pin(pins.path().join(MAP_CONNTRACK)).unwrap();

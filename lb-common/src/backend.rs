@@ -10,6 +10,10 @@ pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 /// The endpoint is listed but not ready for new connections (not ready,
 /// or terminating). Established flows to it keep working; it is in no slot.
 pub const BACKEND_F_NOT_READY: u8 = 1 << 1;
+/// The endpoint runs on this node (its EndpointSlice `nodeName` is this
+/// agent's node). A flow from an external interface to a backend without
+/// this flag is source-translated ([`crate::service::SERVICE_F_EXTERNAL`]).
+pub const BACKEND_F_LOCAL: u8 = 1 << 2;
 
 /// Value of [`crate::names::MAP_BACKENDS`], an array indexed by backend id.
 /// Id 0 is never used, so a zeroed `backend_id` always means "none".

@@ -24,6 +24,20 @@ pub struct DatapathConfig {
     /// 0 means [`defaults::MAGLEV_TABLE_SIZE`]. The agent computes the
     /// tables with the same size it writes here.
     pub maglev_table_size: u32,
+    /// This node's address that external flows to backends on other nodes
+    /// are source-translated to (network byte order; the Node's first
+    /// InternalIP, or the first address of the first external interface).
+    /// 0: no address known; such flows are dropped (`Counter::NoNatAddr`).
+    pub snat_addr: u32,
+    /// Source address of hairpin flows (a pod landing on itself through its
+    /// own Service), network byte order. Must be routed from pods to the
+    /// node and belong to no pod; Cilium uses the same 169.254.42.1.
+    pub hairpin_addr: u32,
+    /// Source ports for translated flows, host byte order, inclusive.
+    /// Above Linux's default ephemeral range (32768-60999), so they never
+    /// collide with the node's own connections.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
 impl DatapathConfig {
@@ -38,6 +52,11 @@ impl DatapathConfig {
         tcp_closing_timeout: 10,
         udp_timeout: 30,
         maglev_table_size: defaults::MAGLEV_TABLE_SIZE,
+        snat_addr: 0,
+        // The octets in memory as on the wire: network byte order.
+        hairpin_addr: u32::from_ne_bytes(defaults::HAIRPIN_ADDR),
+        nat_port_min: defaults::NAT_PORT_MIN,
+        nat_port_max: defaults::NAT_PORT_MAX,
     };
 }
 
@@ -67,4 +86,13 @@ pub mod defaults {
     /// Entries of one Maglev table: a prime, more than 100 times the
     /// backends of any one service (Cilium's and the Maglev paper's choice).
     pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+    /// Source-translated flows ([`crate::names::MAP_SNAT`]), LRU.
+    pub const MAX_SNAT_FLOWS: u32 = 262_144;
+    /// Client ranges of `loadBalancerSourceRanges` over all services.
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
+    /// Hairpin source address (octets).
+    pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+    /// Source ports of translated flows, inclusive.
+    pub const NAT_PORT_MIN: u16 = 61_000;
+    pub const NAT_PORT_MAX: u16 = 65_535;
 }

@@ -36,6 +36,19 @@ pub const FLOW_F_FIN_CLIENT: u8 = 1 << 1;
 pub const FLOW_F_FIN_BACKEND: u8 = 1 << 2;
 /// TCP RST seen in either direction.
 pub const FLOW_F_RST: u8 = 1 << 3;
+/// The flow's source is translated: forward packets leave with source
+/// ([`crate::config::DatapathConfig::snat_addr`], [`Flow::nat_port`]) (or
+/// the hairpin address with [`FLOW_F_HAIRPIN`]), and
+/// [`crate::names::MAP_SNAT`] maps the backend's replies to that address
+/// back to this flow.
+pub const FLOW_F_SNAT: u8 = 1 << 4;
+/// With [`FLOW_F_SNAT`]: the translated source is
+/// [`crate::config::DatapathConfig::hairpin_addr`], because the client is
+/// its own backend (a pod reaching its own Service and landing on itself).
+pub const FLOW_F_HAIRPIN: u8 = 1 << 5;
+/// The flow's frontend is external ([`crate::service::SERVICE_F_EXTERNAL`]):
+/// its replies are forwarded by FIB lookup instead of the stack.
+pub const FLOW_F_EXTERNAL: u8 = 1 << 6;
 
 /// Value of [`crate::names::MAP_CONNTRACK`].
 #[repr(C)]
@@ -56,7 +69,9 @@ pub struct Flow {
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// With [`FLOW_F_SNAT`]: the translated source port, network byte order.
+    pub nat_port: u16,
 }
 
 aya_pod!(FlowKey, Flow);

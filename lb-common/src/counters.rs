@@ -32,10 +32,28 @@ pub enum Counter {
     RejectFailed = 10,
     /// Packet rewrite (store or checksum helper) failed; the packet was dropped.
     RewriteFailed = 11,
+    /// New flows from an external client refused by the service's
+    /// `loadBalancerSourceRanges`; dropped.
+    SourceRangeDenied = 12,
+    /// A flow needed a translated source port and none of the ports tried
+    /// was free; dropped.
+    NoNatPort = 13,
+    /// A flow needed source translation but no node address is configured
+    /// (`DatapathConfig::snat_addr` 0); dropped.
+    NoNatAddr = 14,
+    /// XDP handed a packet to the TC program of the same interface
+    /// untouched: it must leave through another interface, or the next
+    /// hop's MAC address is not known yet (TC resolves it).
+    XdpToTc = 15,
+    /// Packets forwarded by FIB lookup (XDP_TX, or TC redirect).
+    Forwarded = 16,
+    /// The FIB lookup found no route (or a blackhole/unreachable one) for
+    /// a packet that must be forwarded; dropped.
+    NoRoute = 17,
 }
 
 /// Number of counters (size of the counter array).
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -51,6 +69,12 @@ impl Counter {
         Counter::BackendGone,
         Counter::RejectFailed,
         Counter::RewriteFailed,
+        Counter::SourceRangeDenied,
+        Counter::NoNatPort,
+        Counter::NoNatAddr,
+        Counter::XdpToTc,
+        Counter::Forwarded,
+        Counter::NoRoute,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -67,6 +91,12 @@ impl Counter {
             Counter::BackendGone => "backend_gone",
             Counter::RejectFailed => "reject_failed",
             Counter::RewriteFailed => "rewrite_failed",
+            Counter::SourceRangeDenied => "source_range_denied",
+            Counter::NoNatPort => "no_nat_port",
+            Counter::NoNatAddr => "no_nat_addr",
+            Counter::XdpToTc => "xdp_to_tc",
+            Counter::Forwarded => "forwarded",
+            Counter::NoRoute => "no_route",
         }
     }
 }

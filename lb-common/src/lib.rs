@@ -17,6 +17,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod names;
+pub mod nat;
 pub mod service;
 pub mod stats;
 

@@ -5,6 +5,15 @@
 /// TC program for pod-facing interfaces (tcx ingress on the host side of a
 /// pod's veth): translates service traffic from pods and replies to it.
 pub const PROG_TC_POD: &str = "lb_tc_pod";
+/// XDP program for the node's external interfaces (`--external`):
+/// translates NodePort, load-balancer and external-IP frontends, their
+/// source-translated replies, and replies to pods' flows whose backend is
+/// on another node; forwards by FIB lookup (XDP_TX) where it can.
+pub const PROG_XDP_EXTERNAL: &str = "lb_xdp_ext";
+/// TC program at tcx ingress of the same external interfaces: does what
+/// XDP handed on (another egress interface, an unresolved next hop) with
+/// `bpf_redirect_neigh`, and everything when XDP could not be attached.
+pub const PROG_TC_EXTERNAL: &str = "lb_tc_ext";
 
 /// Frontends: (address, port, protocol) -> service.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -31,11 +40,16 @@ pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 /// Per-CPU counters per backend: `backend id % MAX_BACKEND_STATS` ->
 /// [`crate::stats::BackendStats`].
 pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
+/// Source-translated flows: (backend address, port, translated port,
+/// protocol) -> conntrack key of the flow, LRU.
+pub const MAP_SNAT: &str = "LB_SNAT";
+/// `loadBalancerSourceRanges`: LPM trie of (service id, client range) -> allowed.
+pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 /// Single-entry runtime configuration ([`crate::config::DatapathConfig`]).
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 
 /// Every map, in the order `inspect` and the docs list them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -48,6 +62,8 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_MAGLEV,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
+    MAP_SNAT,
+    MAP_SOURCE_RANGES,
 ];
 
 /// Default directory under bpffs where one agent instance pins its maps.

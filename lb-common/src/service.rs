@@ -51,6 +51,25 @@ pub const SERVICE_F_MAGLEV: u16 = 1 << 1;
 /// `internalTrafficPolicy: Local` and no endpoint on this node.
 pub const SERVICE_F_DROP: u16 = 1 << 2;
 
+/// The frontend is reached from outside the cluster: a NodePort on a node
+/// address, a load-balancer ingress IP or an external IP. Only these are
+/// translated on the node's external interfaces (`lb_xdp_ext`,
+/// `lb_tc_ext`); pods reach them through `lb_tc_pod` like any frontend.
+/// A new flow that arrives on an external interface and goes to a backend
+/// on another node ([`crate::backend::BACKEND_F_LOCAL`] clear) gets its
+/// source translated to the node's address
+/// ([`crate::config::DatapathConfig::snat_addr`]), so the reply comes back
+/// through this node (`externalTrafficPolicy: Cluster`). Replies of such
+/// flows are forwarded by a FIB lookup, not handed to the stack: their new
+/// source may be a node address, which the stack drops as a martian.
+pub const SERVICE_F_EXTERNAL: u16 = 1 << 3;
+
+/// New connections are admitted only from the client ranges of the
+/// service id in [`crate::names::MAP_SOURCE_RANGES`]
+/// (`loadBalancerSourceRanges`, on the load-balancer ingress frontends);
+/// others are dropped. Established flows are not re-checked.
+pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 4;
+
 /// Value of [`crate::names::MAP_SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::aya_pod;
 
-/// Entries of [`crate::names::MAP_SERVICE_STATS`]: 80 bytes each per CPU.
+/// Entries of [`crate::names::MAP_SERVICE_STATS`]: 104 bytes each per CPU.
 pub const MAX_SERVICE_STATS: u32 = 16_384;
 /// Entries of [`crate::names::MAP_BACKEND_STATS`]: 40 bytes each per CPU.
 pub const MAX_BACKEND_STATS: u32 = 16_384;
@@ -37,9 +37,15 @@ pub enum DropReason {
     RewriteFailed = 4,
     /// Building the RST / ICMP answer failed.
     RejectFailed = 5,
+    /// A new connection from a client outside `loadBalancerSourceRanges`.
+    SourceRange = 6,
+    /// No translated source port or address for a flow that needs one.
+    NoNat = 7,
+    /// No route to forward a translated packet.
+    NoRoute = 8,
 }
 
-pub const DROP_REASON_COUNT: usize = 6;
+pub const DROP_REASON_COUNT: usize = 9;
 
 impl DropReason {
     pub const ALL: [DropReason; DROP_REASON_COUNT] = [
@@ -49,6 +55,9 @@ impl DropReason {
         DropReason::ConntrackFull,
         DropReason::RewriteFailed,
         DropReason::RejectFailed,
+        DropReason::SourceRange,
+        DropReason::NoNat,
+        DropReason::NoRoute,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -59,6 +68,9 @@ impl DropReason {
             DropReason::ConntrackFull => "conntrack_full",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::RejectFailed => "reject_failed",
+            DropReason::SourceRange => "source_range",
+            DropReason::NoNat => "no_nat",
+            DropReason::NoRoute => "no_route",
         }
     }
 }

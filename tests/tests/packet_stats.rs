@@ -68,7 +68,7 @@ fn counters_follow_translated_packets_and_drops() {
             reply_packets: 1,
             reply_bytes: reply.len() as u64,
             new_flows: 1,
-            drops: [0; 6],
+            drops: [0; lb_common::stats::DROP_REASON_COUNT],
         }
     );
     assert_eq!(
@@ -85,7 +85,7 @@ fn counters_follow_translated_packets_and_drops() {
     // Refused: no ready backend.
     let refused = Frame::tcp(sa(CLIENT), sa(EMPTY_FRONTEND), TCP_SYN).to_bytes();
     assert_eq!(datapath.run(&refused).unwrap().verdict, TC_ACT_REDIRECT);
-    let mut drops = [0; 6];
+    let mut drops = [0; lb_common::stats::DROP_REASON_COUNT];
     drops[DropReason::NoBackend as usize] = 1;
     assert_eq!(
         datapath.service_stats(8).unwrap(),
