@@ -232,6 +232,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let scope = Scope {
         node_name: args.node_name.filter(|name| !name.is_empty()),
         service_proxy_name: args.service_proxy_name.filter(|name| !name.is_empty()),
+        ..Scope::default()
     };
     let mut config = DatapathConfig {
         tcp_timeout: args.tcp_timeout,
