@@ -7,13 +7,17 @@
 //!   with every length and checksum computed from scratch; a decoder for
 //!   readable failure messages.
 //! - [`datapath`]: loads `lb_agent::EBPF_OBJECT` without pinning, fills its
-//!   maps with `lb_common` types and runs frames through `lb_tc_pod`.
+//!   maps with `lb_common` types and runs frames through `lb_tc_pod`,
+//!   `lb_xdp_ext` and `lb_tc_ext`.
+//! - [`fib`]: a network namespace with fixed routes and neighbours, for
+//!   the test runs whose programs forward by `bpf_fib_lookup`.
 //! - [`bench`]: the ns/packet measurement with the `lb-bench` replay
 //!   wrapper (`lb_agent::EBPF_BENCH_OBJECT`).
 
 pub mod bench;
 pub mod checksum;
 pub mod datapath;
+pub mod fib;
 pub mod frame;
 
 /// Failures of the packet harness. Each names the call that failed.
@@ -23,7 +27,7 @@ pub enum PacketError {
     LoadObject(#[source] aya::EbpfError),
     #[error("program {name} not found in the BPF object")]
     MissingProgram { name: &'static str },
-    #[error("program {name} is not a SchedClassifier")]
+    #[error("program {name} is not of the expected type")]
     ProgramType {
         name: &'static str,
         #[source]
@@ -53,6 +57,14 @@ pub enum PacketError {
     },
     #[error("entering the network namespace to attach failed")]
     Namespace(#[source] crate::error::TestbedError),
+    #[error("setting up, or running in, the test network namespace failed")]
+    Network(#[source] crate::error::TestbedError),
+    #[error("if_nametoindex({iface}) failed")]
+    Interface {
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("BPF_PROG_TEST_RUN of {name} failed")]
     TestRun {
         name: &'static str,

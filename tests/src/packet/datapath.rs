@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, TestRun, TestRunOptions},
+    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
     backend::{
@@ -22,13 +22,80 @@ use lb_common::{
 
 use super::{PacketError, Result};
 
+mod nat;
 mod selection;
+pub use nat::SourceRangeSpec;
 pub use selection::monotonic_secs;
 
 /// TC verdicts as `BPF_PROG_TEST_RUN` reports them.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// XDP verdicts (`enum xdp_action`).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// The programs of the datapath object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Program {
+    /// `lb_tc_pod`: tcx ingress of pod veths (role Pod).
+    TcPod,
+    /// `lb_xdp_ext`: XDP on external interfaces (role External).
+    XdpExternal,
+    /// `lb_tc_ext`: tcx ingress of external interfaces (role External).
+    TcExternal,
+}
+
+impl Program {
+    pub const ALL: [Program; 3] = [Program::TcPod, Program::XdpExternal, Program::TcExternal];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::TcPod => names::PROG_TC_POD,
+            Program::XdpExternal => names::PROG_XDP_EXTERNAL,
+            Program::TcExternal => names::PROG_TC_EXTERNAL,
+        }
+    }
+
+    pub const fn is_xdp(self) -> bool {
+        matches!(self, Program::XdpExternal)
+    }
+}
+
+/// Size of `struct __sk_buff` up to and including `ifindex`: the test-run
+/// context of a TC program only needs `ingress_ifindex` (offset 36) and
+/// `ifindex` (offset 40); the kernel zero-fills the rest.
+const SKB_CTX_LEN: usize = 44;
+const SKB_INGRESS_IFINDEX_OFF: usize = 36;
+const SKB_IFINDEX_OFF: usize = 40;
+
+/// The `__sk_buff` prefix for a TC test run on interface `ifindex`: the
+/// kernel sets `skb->dev` to it (so `bpf_fib_lookup` uses its namespace)
+/// and `skb->skb_iif` from `ingress_ifindex`.
+pub fn tc_test_context(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; SKB_CTX_LEN];
+    ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
+        .copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// `struct xdp_md` for an XDP test run of a `frame_len`-byte frame that
+/// arrived on `ifindex` (receive queue 0). The kernel requires `data` and
+/// `data_meta` 0 and `data_end` the frame length; `ingress_ifindex` is
+/// resolved in the calling thread's network namespace and becomes the
+/// buffer's receive queue, whose device `bpf_fib_lookup` takes its
+/// namespace from.
+pub fn xdp_test_context(ifindex: u32, frame_len: usize) -> Vec<u8> {
+    let fields: [u32; 6] = [0, frame_len as u32, 0, ifindex, 0, 0];
+    fields
+        .iter()
+        .flat_map(|field| field.to_ne_bytes())
+        .collect()
+}
 
 /// Map sizes for packet tests: small, the kernel allocates them up front.
 const TEST_MAX_SERVICES: u32 = 64;
@@ -147,6 +214,18 @@ impl Datapath {
     /// [`Datapath::load`] with the given map sizes (the benchmarks fill
     /// the maps with up to 100,000 services and a million flows).
     pub fn load_with_capacities(capacities: &Capacities) -> Result<Self> {
+        Self::load_programs(capacities, &[Program::TcPod])
+    }
+
+    /// Loads the object with small maps and every program: `lb_tc_pod`,
+    /// `lb_xdp_ext` and `lb_tc_ext`, sharing the maps.
+    pub fn load_all() -> Result<Self> {
+        Self::load_programs(&Capacities::TEST, &Program::ALL)
+    }
+
+    /// Loads the object with `capacities` and the given programs into the
+    /// kernel, and writes the default configuration.
+    pub fn load_programs(capacities: &Capacities, programs: &[Program]) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::MAP_SERVICES, capacities.services)
             .map_max_entries(names::MAP_SLOTS, capacities.slots)
@@ -155,20 +234,24 @@ impl Datapath {
             .map_max_entries(names::MAP_CONNTRACK, capacities.flows)
             .load(lb_agent::EBPF_OBJECT)
             .map_err(PacketError::LoadObject)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(names::PROG_TC_POD)
-            .ok_or(PacketError::MissingProgram {
-                name: names::PROG_TC_POD,
-            })?
-            .try_into()
-            .map_err(|source| PacketError::ProgramType {
-                name: names::PROG_TC_POD,
-                source,
-            })?;
-        program.load().map_err(|source| PacketError::LoadProgram {
-            name: names::PROG_TC_POD,
-            source,
-        })?;
+        for &program in programs {
+            let name = program.name();
+            let loaded = ebpf
+                .program_mut(name)
+                .ok_or(PacketError::MissingProgram { name })?;
+            let result = if program.is_xdp() {
+                let xdp: &mut Xdp = loaded
+                    .try_into()
+                    .map_err(|source| PacketError::ProgramType { name, source })?;
+                xdp.load()
+            } else {
+                let classifier: &mut SchedClassifier = loaded
+                    .try_into()
+                    .map_err(|source| PacketError::ProgramType { name, source })?;
+                classifier.load()
+            };
+            result.map_err(|source| PacketError::LoadProgram { name, source })?;
+        }
         let mut datapath = Self { ebpf };
         datapath.set_config(&DatapathConfig::DEFAULT)?;
         Ok(datapath)
@@ -176,16 +259,27 @@ impl Datapath {
 
     /// The loaded `lb_tc_pod`.
     pub fn program(&self) -> Result<&SchedClassifier> {
+        self.classifier(Program::TcPod)
+    }
+
+    /// A loaded TC program (`lb_tc_pod` or `lb_tc_ext`).
+    pub fn classifier(&self, program: Program) -> Result<&SchedClassifier> {
+        let name = program.name();
         self.ebpf
-            .program(names::PROG_TC_POD)
-            .ok_or(PacketError::MissingProgram {
-                name: names::PROG_TC_POD,
-            })?
+            .program(name)
+            .ok_or(PacketError::MissingProgram { name })?
             .try_into()
-            .map_err(|source| PacketError::ProgramType {
-                name: names::PROG_TC_POD,
-                source,
-            })
+            .map_err(|source| PacketError::ProgramType { name, source })
+    }
+
+    /// The loaded `lb_xdp_ext`.
+    pub fn xdp(&self) -> Result<&Xdp> {
+        let name = Program::XdpExternal.name();
+        self.ebpf
+            .program(name)
+            .ok_or(PacketError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| PacketError::ProgramType { name, source })
     }
 
     /// Attaches `lb_tc_pod` at tcx ingress of `iface` in namespace `ns`
@@ -314,8 +408,21 @@ impl Datapath {
     /// Writes a whole service the way the agent orders its writes:
     /// backends, then slots, reverse NAT, and the frontend last.
     pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        self.add_service_with(spec, 0, 0)
+    }
+
+    /// [`Datapath::add_service`] with `SERVICE_F_*` bits on the frontend
+    /// and `BACKEND_F_*` bits (beyond ACTIVE / NOT_READY) on every backend,
+    /// e.g. `BACKEND_F_LOCAL` for endpoints on this node.
+    pub fn add_service_with(
+        &mut self,
+        spec: &ServiceSpec,
+        service_flags: u16,
+        backend_flags: u8,
+    ) -> Result<()> {
         for backend in &spec.backends {
             let flags = BACKEND_F_ACTIVE
+                | backend_flags
                 | if backend.ready {
                     0
                 } else {
@@ -356,6 +463,7 @@ impl Datapath {
             &ServiceValue {
                 id: spec.id,
                 backend_count: ready.len() as u32,
+                flags: service_flags,
                 ..Default::default()
             },
         )
@@ -431,6 +539,47 @@ impl Datapath {
             counters.0[counter as usize] = values.iter().sum();
         }
         Ok(counters)
+    }
+
+    /// Runs `program` once on `frame` as if it arrived on interface
+    /// `ifindex` (`None`: no context; the kernel then uses the loopback
+    /// device of the calling thread's namespace). `bpf_fib_lookup` consults
+    /// the routes of the namespace the calling thread is in: call this
+    /// from a thread inside the test's namespace (see
+    /// [`super::fib::FibNet::run`]).
+    pub fn run_on(
+        &self,
+        program: Program,
+        frame: &[u8],
+        ifindex: Option<u32>,
+    ) -> Result<RunOutput> {
+        let name = program.name();
+        let mut out = vec![0u8; 4096];
+        let ctx = ifindex.map(|ifindex| {
+            if program.is_xdp() {
+                xdp_test_context(ifindex, frame.len())
+            } else {
+                tc_test_context(ifindex)
+            }
+        });
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        let result = if program.is_xdp() {
+            self.xdp()?.test_run(options)
+        } else {
+            self.classifier(program)?.test_run(options)
+        }
+        .map_err(|source| PacketError::TestRun { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            verdict: result.return_value,
+            frame: out,
+        })
     }
 
     /// Runs `lb_tc_pod` once on `frame`.

@@ -212,6 +212,13 @@ impl Frame {
         self
     }
 
+    /// Sets the Ethernet source and destination.
+    pub fn with_macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.eth.src = src;
+        self.eth.dst = dst;
+        self
+    }
+
     /// Sends UDP without a checksum (field 0).
     pub fn without_udp_checksum(mut self) -> Self {
         self.udp_mut().with_checksum = false;
