@@ -605,6 +605,7 @@ mod tests {
             name: name.into(),
             port_name: port_name.into(),
             proto,
+            traffic: crate::model::Traffic::Internal,
         }
     }
 

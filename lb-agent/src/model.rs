@@ -65,9 +65,272 @@ impl fmt::Display for Frontend {
     }
 }
 
+/// How a frontend is reached, which decides its `SERVICE_F_*` flags.
+///
+/// Ordered from the least to the most restrictive: when one service port
+/// lists the same frontend twice (an external IP that is also a
+/// load-balancer ingress IP), the most restrictive kind is kept, so
+/// `loadBalancerSourceRanges` is never bypassed through the other one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendKind {
+    /// A `spec.clusterIPs` address and the Service port.
+    ClusterIp,
+    /// A node address and the Service port's `nodePort`.
+    NodePort,
+    /// A `spec.externalIPs` address and the Service port.
+    ExternalIp,
+    /// A `status.loadBalancer.ingress[].ip` and the Service port.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: translated on the node's external
+    /// interfaces too (`SERVICE_F_EXTERNAL`), and scoped by
+    /// `externalTrafficPolicy`.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "clusterip",
+            FrontendKind::NodePort => "nodeport",
+            FrontendKind::ExternalIp => "externalip",
+            FrontendKind::LoadBalancer => "loadbalancer",
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The frontends of a service port, each with its kind, in frontend order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontends(BTreeMap<Frontend, FrontendKind>);
+
+impl Frontends {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a frontend; one already present keeps the more restrictive
+    /// kind of the two (see [`FrontendKind`]).
+    pub fn insert(&mut self, frontend: Frontend, kind: FrontendKind) {
+        let merged = self.0.entry(frontend).or_insert(kind);
+        *merged = (*merged).max(kind);
+    }
+
+    pub fn kind(&self, frontend: &Frontend) -> Option<FrontendKind> {
+        self.0.get(frontend).copied()
+    }
+
+    pub fn contains(&self, frontend: &Frontend) -> bool {
+        self.0.contains_key(frontend)
+    }
+
+    /// The lowest frontend.
+    pub fn first(&self) -> Option<&Frontend> {
+        self.0.keys().next()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Frontend, FrontendKind)> {
+        self.0.iter().map(|(frontend, kind)| (frontend, *kind))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &Frontend> {
+        self.0.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether any frontend is of `kind`.
+    pub fn any_of(&self, kind: FrontendKind) -> bool {
+        self.0.values().any(|k| *k == kind)
+    }
+}
+
+impl Extend<(Frontend, FrontendKind)> for Frontends {
+    fn extend<I: IntoIterator<Item = (Frontend, FrontendKind)>>(&mut self, iter: I) {
+        for (frontend, kind) in iter {
+            self.insert(frontend, kind);
+        }
+    }
+}
+
+impl FromIterator<(Frontend, FrontendKind)> for Frontends {
+    fn from_iter<I: IntoIterator<Item = (Frontend, FrontendKind)>>(iter: I) -> Self {
+        let mut frontends = Self::new();
+        frontends.extend(iter);
+        frontends
+    }
+}
+
+/// ClusterIP frontends.
+impl FromIterator<Frontend> for Frontends {
+    fn from_iter<I: IntoIterator<Item = Frontend>>(iter: I) -> Self {
+        iter.into_iter()
+            .map(|frontend| (frontend, FrontendKind::ClusterIp))
+            .collect()
+    }
+}
+
+/// ClusterIP frontends.
+impl<const N: usize> From<[Frontend; N]> for Frontends {
+    fn from(frontends: [Frontend; N]) -> Self {
+        frontends.into_iter().collect()
+    }
+}
+
+impl<const N: usize> From<[(Frontend, FrontendKind); N]> for Frontends {
+    fn from(frontends: [(Frontend, FrontendKind); N]) -> Self {
+        frontends.into_iter().collect()
+    }
+}
+
+impl IntoIterator for Frontends {
+    type Item = (Frontend, FrontendKind);
+    type IntoIter = std::collections::btree_map::IntoIter<Frontend, FrontendKind>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// An IPv4 network `addr/prefix_len`, host bits zero (as Go's
+/// `net.ParseCIDR`, which Kubernetes uses, returns it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix_len: u8,
+}
+
+/// A string that is not an IPv4 CIDR (`a.b.c.d/n`, n in 0..=32).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IPv4 CIDR (a.b.c.d/n)")]
+pub struct InvalidCidr(pub String);
+
+impl Ipv4Cidr {
+    /// The network of `addr` with `prefix_len` bits (host bits cleared);
+    /// `None` if `prefix_len` exceeds 32.
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
+        let mask = Self::mask(prefix_len)?;
+        Some(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len,
+        })
+    }
+
+    fn mask(prefix_len: u8) -> Option<u32> {
+        match prefix_len {
+            0 => Some(0),
+            1..=32 => Some(u32::MAX << (32 - u32::from(prefix_len))),
+            _ => None,
+        }
+    }
+
+    /// The network address (host bits zero).
+    pub const fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub const fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = Self::mask(self.prefix_len).unwrap_or(u32::MAX);
+        u32::from(addr) & mask == u32::from(self.addr)
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = InvalidCidr;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidCidr(s.to_owned());
+        let (addr, prefix_len) = s.split_once('/').ok_or_else(invalid)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| invalid())?;
+        // Digits only: `u8::from_str` would also take a leading `+`.
+        if prefix_len.is_empty() || !prefix_len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let prefix_len: u8 = prefix_len.parse().map_err(|_| invalid())?;
+        Self::new(addr, prefix_len).ok_or_else(invalid)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Which clients may open connections through a service port's
+/// load-balancer frontends (`loadBalancerSourceRanges`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SourceRanges {
+    /// Every client (no ranges given).
+    #[default]
+    Any,
+    /// Only clients in these ranges. Empty: nobody, which is what a
+    /// Service whose ranges could not all be parsed gets (fail closed).
+    Only(BTreeSet<Ipv4Cidr>),
+}
+
+impl SourceRanges {
+    /// Whether the load-balancer frontends check the client
+    /// (`SERVICE_F_SOURCE_RANGES`).
+    pub const fn is_restricted(&self) -> bool {
+        matches!(self, SourceRanges::Only(_))
+    }
+
+    /// The allowed ranges; none when unrestricted.
+    pub fn ranges(&self) -> impl Iterator<Item = &Ipv4Cidr> {
+        match self {
+            SourceRanges::Any => None,
+            SourceRanges::Only(ranges) => Some(ranges),
+        }
+        .into_iter()
+        .flatten()
+    }
+
+    pub fn admits(&self, client: Ipv4Addr) -> bool {
+        match self {
+            SourceRanges::Any => true,
+            SourceRanges::Only(ranges) => ranges.iter().any(|range| range.contains(client)),
+        }
+    }
+}
+
+/// Which endpoints of a Service port a service port (one backend set, one
+/// service id) holds, as kube-proxy separates them by traffic policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Traffic {
+    /// The `internalTrafficPolicy` view: the ClusterIP frontends, and the
+    /// external ones too when `externalTrafficPolicy` selects the same
+    /// endpoints (both Cluster, or both Local), so they share one id.
+    #[default]
+    Internal,
+    /// The `externalTrafficPolicy` view, when it differs from the
+    /// internal one: the external frontends only, with their own id
+    /// (slots, Maglev table, affinity).
+    External,
+}
+
 /// The stable identity of one port of one Service: namespace, name, port
-/// name and protocol, as kube-proxy's `ServicePortName`. The datapath's
-/// service id follows this identity for as long as it exists.
+/// name and protocol, as kube-proxy's `ServicePortName`, and which
+/// traffic policy's endpoints it holds. The datapath's service id follows
+/// this identity for as long as it exists.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
     pub namespace: String,
@@ -75,6 +338,7 @@ pub struct ServicePortName {
     /// The Service port's `name`; empty for the single unnamed port.
     pub port_name: String,
     pub proto: Protocol,
+    pub traffic: Traffic,
 }
 
 impl fmt::Display for ServicePortName {
@@ -83,7 +347,11 @@ impl fmt::Display for ServicePortName {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.proto)
+        write!(f, "/{}", self.proto)?;
+        if self.traffic == Traffic::External {
+            f.write_str(" (external traffic)")?;
+        }
+        Ok(())
     }
 }
 
@@ -133,8 +401,13 @@ impl fmt::Display for Selection {
 /// target port; the protocol is the Service port's).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
-    pub frontends: BTreeSet<Frontend>,
+    pub frontends: Frontends,
     pub backends: BTreeMap<SocketAddrV4, Readiness>,
+    /// Backend addresses whose endpoint runs on this node
+    /// (`BACKEND_F_LOCAL`; a property of the address, whatever the port).
+    pub local_addresses: BTreeSet<Ipv4Addr>,
+    /// Clients admitted through the load-balancer frontends.
+    pub source_ranges: SourceRanges,
     /// `sessionAffinity: ClientIP`: its timeout in seconds (1..=86400).
     pub affinity_timeout: Option<u32>,
     /// Backend selection the Service asks for; `None`: the agent's default.
@@ -151,6 +424,47 @@ impl ServicePort {
             .filter(|(_, readiness)| readiness.is_ready())
             .map(|(addr, _)| *addr)
     }
+
+    /// Whether the backend address runs on this node.
+    pub fn is_local(&self, backend: &SocketAddrV4) -> bool {
+        self.local_addresses.contains(backend.ip())
+    }
+
+    /// The `SERVICE_F_*` bits a frontend of this kind gets beyond those of
+    /// the service port (its selection and drop behaviour).
+    pub fn frontend_flags(&self, kind: FrontendKind) -> u16 {
+        let mut flags = 0;
+        if kind.is_external() {
+            flags |= lb_common::service::SERVICE_F_EXTERNAL;
+        }
+        if kind == FrontendKind::LoadBalancer && self.source_ranges.is_restricted() {
+            flags |= lb_common::service::SERVICE_F_SOURCE_RANGES;
+        }
+        flags
+    }
+}
+
+/// A `healthCheckNodePort` to serve: the Service and how many of its
+/// endpoints on this node are ready.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Endpoints on this node with `conditions.ready` (terminating ones are
+    /// never ready), counted as kube-proxy does: the most over the
+    /// Service's ports. 0 answers 503, so load balancers drain the node.
+    pub local_endpoints: usize,
+}
+
+/// Two Services claim the same `healthCheckNodePort`; the first in
+/// object order keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("healthCheckNodePort {port} is already the health check of {owner_namespace}/{owner_name}")]
+pub struct HealthCheckConflict {
+    pub port: u16,
+    pub owner_namespace: String,
+    pub owner_name: String,
 }
 
 /// Two service ports claim the same frontend; the first in
@@ -169,6 +483,7 @@ pub struct FrontendConflict {
 pub struct DesiredState {
     services: BTreeMap<ServicePortName, ServicePort>,
     owners: BTreeMap<Frontend, ServicePortName>,
+    health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 impl DesiredState {
@@ -186,7 +501,9 @@ impl DesiredState {
         entry.affinity_timeout = port.affinity_timeout;
         entry.selection = port.selection;
         entry.drop_without_backend = port.drop_without_backend;
-        for frontend in port.frontends {
+        entry.source_ranges = port.source_ranges;
+        entry.local_addresses.extend(port.local_addresses);
+        for (frontend, kind) in port.frontends {
             match self.owners.get(&frontend) {
                 Some(owner) if *owner != name => conflicts.push(FrontendConflict {
                     frontend,
@@ -195,7 +512,7 @@ impl DesiredState {
                 }),
                 _ => {
                     self.owners.insert(frontend, name.clone());
-                    entry.frontends.insert(frontend);
+                    entry.frontends.insert(frontend, kind);
                 }
             }
         }
@@ -231,6 +548,34 @@ impl DesiredState {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }
+
+    /// Adds the health check served on `port`, unless another Service has
+    /// that port already.
+    pub fn insert_health_check(
+        &mut self,
+        port: u16,
+        check: HealthCheck,
+    ) -> Result<(), HealthCheckConflict> {
+        match self.health_checks.get(&port) {
+            Some(owner) if (&owner.namespace, &owner.name) != (&check.namespace, &check.name) => {
+                Err(HealthCheckConflict {
+                    port,
+                    owner_namespace: owner.namespace.clone(),
+                    owner_name: owner.name.clone(),
+                })
+            }
+            _ => {
+                self.health_checks.insert(port, check);
+                Ok(())
+            }
+        }
+    }
+
+    /// The `healthCheckNodePort`s to serve (Services of type LoadBalancer
+    /// with `externalTrafficPolicy: Local`), by port.
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.health_checks
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +588,7 @@ mod tests {
             name: service.into(),
             port_name: port.into(),
             proto: Protocol::Tcp,
+            traffic: Traffic::Internal,
         }
     }
 
@@ -282,7 +628,7 @@ mod tests {
         state.insert(
             name("a", ""),
             ServicePort {
-                frontends: BTreeSet::new(),
+                frontends: Frontends::new(),
                 backends: [(addr, Readiness::NotReady)].into(),
                 ..ServicePort::default()
             },
@@ -290,7 +636,7 @@ mod tests {
         state.insert(
             name("a", ""),
             ServicePort {
-                frontends: BTreeSet::new(),
+                frontends: Frontends::new(),
                 backends: [(addr, Readiness::Ready)].into(),
                 ..ServicePort::default()
             },

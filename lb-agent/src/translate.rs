@@ -31,6 +31,35 @@
 //!   ready, so flows already open to them keep working. With no local
 //!   endpoint, new connections are dropped (kube-proxy's DROP), not
 //!   refused.
+//! - External frontends (kube-proxy's): for a Service of type NodePort or
+//!   LoadBalancer, `(node address, ports[].nodePort)` for every address of
+//!   [`Scope::node_addresses`]; for any type, `(spec.externalIPs[], port)`;
+//!   for type LoadBalancer, `(status.loadBalancer.ingress[].ip, port)`
+//!   (not for `ipMode: Proxy`, where the load balancer proxies to the
+//!   node). They are scoped by `externalTrafficPolicy` as ClusterIP
+//!   frontends are by `internalTrafficPolicy`: Local keeps only this
+//!   node's endpoints and drops new connections when there is none. When
+//!   both policies select the same endpoints (both Cluster, or both
+//!   Local) the external frontends share the ClusterIP's service port;
+//!   otherwise they get their own ([`Traffic::External`]), so every
+//!   service id has one backend set.
+//! - `spec.loadBalancerSourceRanges` (else the deprecated annotation
+//!   [`ANNOTATION_SOURCE_RANGES`]) restricts the load-balancer frontends
+//!   (not NodePorts, not external IPs, as kube-proxy does) to those client
+//!   ranges. IPv6 ranges are ignored, as kube-proxy ignores ranges of the
+//!   other family. A range that cannot be parsed fails closed: the
+//!   load-balancer frontends then admit no client.
+//! - A malformed external field (a nodePort out of 1-65535, a bad
+//!   ingress or external IP, a bad CIDR) gives one warning naming the
+//!   field; the rest of the Service is still translated.
+//! - Endpoints whose `nodeName` is this node are local
+//!   ([`ServicePort::local_addresses`], `BACKEND_F_LOCAL`).
+//! - A Service of type LoadBalancer with `externalTrafficPolicy: Local` and
+//!   a `healthCheckNodePort` gets a [`HealthCheck`] with the number of its
+//!   ready endpoints on this node ([`DesiredState::health_checks`]).
+//!   Terminating endpoints are never counted, even when they take
+//!   connections for lack of ready ones: kube-proxy fails the health check
+//!   then, so load balancers drain the node (KEP-1669).
 //! - With a [`Scope::service_proxy_name`], only objects labelled
 //!   `service.kubernetes.io/service-proxy-name` with that value are proxied
 //!   (and unlabelled ones are not), as a kube-proxy started with that
@@ -50,7 +79,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    DesiredState, Frontend, Protocol, Readiness, Selection, ServicePort, ServicePortName,
+    DesiredState, Frontend, FrontendKind, Frontends, HealthCheck, Ipv4Cidr, Protocol, Readiness,
+    Selection, ServicePort, ServicePortName, SourceRanges, Traffic,
 };
 use k8s_openapi::api::core::v1::ServiceSpec;
 use lb_common::affinity::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
@@ -64,6 +94,9 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Service annotation choosing how new connections pick a backend:
 /// `random` or `maglev`; without it, the agent's `--selection` applies.
 pub const ANNOTATION_SELECTION: &str = "lb.dev/selection";
+/// Deprecated Service annotation with comma-separated client ranges, read
+/// when `spec.loadBalancerSourceRanges` is empty (as kube-proxy does).
+pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// Namespace of an object that names none (as `kubectl apply` assumes).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -75,6 +108,8 @@ pub struct Scope {
     /// Serve only objects labelled `service.kubernetes.io/service-proxy-name`
     /// with this value; `None`: only objects without that label.
     pub service_proxy_name: Option<String>,
+    /// This node's addresses: every NodePort is a frontend on each of them.
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 impl Scope {
@@ -561,21 +596,31 @@ fn translate_service(
         return;
     }
 
-    let locality = match spec.internal_traffic_policy.as_deref() {
+    let node = scope.node_name.as_deref();
+    let mut locality_of = |policy: Option<&str>, field: &str| match policy {
         Some("Local") => {
-            if scope.node_name.is_none() {
+            if node.is_none() {
                 notice(
                     NoticeLevel::Warn,
                     object.clone(),
-                    "internalTrafficPolicy Local without a node name (--node-name): \
-                     no endpoint is local, new connections are dropped"
-                        .into(),
+                    format!(
+                        "{field} Local without a node name (--node-name): \
+                         no endpoint is local, new connections are dropped"
+                    ),
                 );
             }
-            Locality::Node(scope.node_name.as_deref())
+            Locality::Node(node)
         }
         _ => Locality::Cluster,
     };
+    let internal_locality = locality_of(
+        spec.internal_traffic_policy.as_deref(),
+        "internalTrafficPolicy",
+    );
+    let external_locality = locality_of(
+        spec.external_traffic_policy.as_deref(),
+        "externalTrafficPolicy",
+    );
     let affinity_timeout = affinity_timeout(spec);
     let selection = match selection(&service.metadata) {
         Ok(selection) => selection,
@@ -584,6 +629,27 @@ fn translate_service(
             None
         }
     };
+    let is_type = |name: &str| spec.type_.as_deref() == Some(name);
+    let has_node_ports = is_type("NodePort") || is_type("LoadBalancer");
+    let mut warn = |message: String| notice(NoticeLevel::Warn, object.clone(), message);
+    // Addresses every port of the Service is reachable on from outside.
+    let mut external_addrs: BTreeMap<Ipv4Addr, FrontendKind> = BTreeMap::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if let Some(addr) = external_ip(ip, &format!("spec.externalIPs[{i}]"), &mut warn) {
+            external_addrs.insert(addr, FrontendKind::ExternalIp);
+        }
+    }
+    if is_type("LoadBalancer") {
+        for (addr, kind) in load_balancer_ips(service, &mut warn) {
+            // The most restrictive kind wins (see `FrontendKind`).
+            let merged = external_addrs.entry(addr).or_insert(kind);
+            *merged = (*merged).max(kind);
+        }
+    }
+    let source_ranges = source_ranges(service, &mut warn);
+    let local_addresses = local_addresses(slices, node);
+
+    let mut ready_local_endpoints = 0;
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(Some(proto)) = parse_protocol(port.protocol.as_deref()) else {
             notice(
@@ -597,38 +663,267 @@ fn translate_service(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let frontends = addrs
-            .iter()
-            .map(|&addr| Frontend {
-                addr,
-                port: number,
-                proto,
-            })
-            .collect();
-        let backends = backends_of(&port_name, proto, slices, locality);
-        let name = ServicePortName {
-            namespace: object.namespace.clone(),
-            name: object.name.clone(),
-            port_name,
+        let frontend = |addr| Frontend {
+            addr,
+            port: number,
             proto,
         };
-        for conflict in state.insert(
-            name,
+        let mut frontends: Frontends = addrs
+            .iter()
+            .map(|&addr| (frontend(addr), FrontendKind::ClusterIp))
+            .collect();
+        let mut external: Frontends = external_addrs
+            .iter()
+            .map(|(&addr, &kind)| (frontend(addr), kind))
+            .collect();
+        if has_node_ports {
+            match port.node_port {
+                Some(node_port) => match check_port(format!("spec.ports[{i}].nodePort"), node_port)
+                {
+                    Ok(node_port) => {
+                        for &addr in &scope.node_addresses {
+                            let frontend = Frontend {
+                                addr,
+                                port: node_port,
+                                proto,
+                            };
+                            external.insert(frontend, FrontendKind::NodePort);
+                        }
+                    }
+                    Err(error) => notice(
+                        NoticeLevel::Warn,
+                        object.clone(),
+                        format!("{error}; no NodePort frontend for this port"),
+                    ),
+                },
+                // Allocated by the API server; a manifest must set it.
+                None if spec.allocate_load_balancer_node_ports != Some(false)
+                    || is_type("NodePort") =>
+                {
+                    notice(
+                        NoticeLevel::Warn,
+                        object.clone(),
+                        format!(
+                            "spec.ports[{i}].nodePort: missing (the API server allocates one; \
+                             a manifest must set it); no NodePort frontend for this port"
+                        ),
+                    );
+                }
+                None => {}
+            }
+        }
+
+        let endpoints = endpoints_of(&port_name, proto, slices);
+        ready_local_endpoints = ready_local_endpoints.max(
+            endpoints
+                .values()
+                .filter(|endpoint| endpoint.admitted(Locality::Node(node)).ready)
+                .count(),
+        );
+        let internal_backends = readiness(&endpoints, internal_locality);
+        let local_addresses: BTreeSet<Ipv4Addr> = internal_backends
+            .keys()
+            .map(|addr| *addr.ip())
+            .filter(|ip| local_addresses.contains(ip))
+            .collect();
+        let name = |traffic| ServicePortName {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            port_name: port_name.clone(),
+            proto,
+            traffic,
+        };
+        let port_of = |frontends: Frontends, backends, locality| {
+            let has_load_balancer = frontends.any_of(FrontendKind::LoadBalancer);
             ServicePort {
                 frontends,
                 backends,
+                local_addresses: local_addresses.clone(),
+                // Only load-balancer frontends check the client.
+                source_ranges: if has_load_balancer {
+                    source_ranges.clone()
+                } else {
+                    SourceRanges::Any
+                },
                 affinity_timeout,
                 selection,
                 drop_without_backend: matches!(locality, Locality::Node(_)),
+            }
+        };
+        let mut ports = Vec::with_capacity(2);
+        if external.is_empty() || internal_locality.same_endpoints(external_locality) {
+            frontends.extend(external);
+            ports.push((
+                name(Traffic::Internal),
+                port_of(frontends, internal_backends, internal_locality),
+            ));
+        } else {
+            ports.push((
+                name(Traffic::Internal),
+                port_of(frontends, internal_backends, internal_locality),
+            ));
+            ports.push((
+                name(Traffic::External),
+                port_of(
+                    external,
+                    readiness(&endpoints, external_locality),
+                    external_locality,
+                ),
+            ));
+        }
+        for (name, port) in ports {
+            for conflict in state.insert(name, port) {
+                notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
+            }
+        }
+    }
+
+    if is_type("LoadBalancer") && matches!(external_locality, Locality::Node(_)) {
+        match spec.health_check_node_port {
+            Some(port) => match check_port("spec.healthCheckNodePort".into(), port) {
+                Ok(port) => {
+                    let check = HealthCheck {
+                        namespace: object.namespace.clone(),
+                        name: object.name.clone(),
+                        local_endpoints: ready_local_endpoints,
+                    };
+                    if let Err(conflict) = state.insert_health_check(port, check) {
+                        notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
+                    }
+                }
+                Err(error) => notice(
+                    NoticeLevel::Warn,
+                    object.clone(),
+                    format!("{error}; no health check served"),
+                ),
             },
-        ) {
-            notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
+            None => notice(
+                NoticeLevel::Warn,
+                object.clone(),
+                "spec.healthCheckNodePort: missing (the API server allocates one; \
+                 a manifest must set it); no health check served"
+                    .into(),
+            ),
         }
     }
 }
 
-/// Which endpoints may take new connections (`internalTrafficPolicy`).
-#[derive(Clone, Copy, Debug)]
+/// An IPv4 address of an external field; `None` for an IPv6 one (not
+/// proxied) or, with a warning naming `field`, a malformed one.
+fn external_ip(ip: &str, field: &str, warn: &mut impl FnMut(String)) -> Option<Ipv4Addr> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(addr)) => Some(addr),
+        Ok(IpAddr::V6(_)) => None,
+        Err(_) => {
+            warn(format!("{field}: {ip:?} is not an IP address; ignored"));
+            None
+        }
+    }
+}
+
+/// The load-balancer ingress IPs of a Service of type LoadBalancer.
+fn load_balancer_ips(
+    service: &Service,
+    warn: &mut impl FnMut(String),
+) -> Vec<(Ipv4Addr, FrontendKind)> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_deref())
+        .unwrap_or_default();
+    ingress
+        .iter()
+        .enumerate()
+        // `ipMode: Proxy`: the load balancer proxies to the node's
+        // NodePort, so kube-proxy does not take the address over.
+        .filter(|(_, ingress)| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|(i, ingress)| {
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            let addr = external_ip(ingress.ip.as_deref()?, &field, warn)?;
+            Some((addr, FrontendKind::LoadBalancer))
+        })
+        .collect()
+}
+
+/// The client ranges of a Service's load-balancer frontends: the field,
+/// else the deprecated annotation; IPv6 ranges are skipped. A range that
+/// does not parse is warned about and leaves nobody admitted.
+fn source_ranges(service: &Service, warn: &mut impl FnMut(String)) -> SourceRanges {
+    let field = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    let (ranges, describe): (Vec<&str>, Box<dyn Fn(usize) -> String>) = if !field.is_empty() {
+        (
+            field.iter().map(String::as_str).collect(),
+            Box::new(|i| format!("spec.loadBalancerSourceRanges[{i}]")),
+        )
+    } else {
+        let annotation = service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(ANNOTATION_SOURCE_RANGES))
+            .map(|value| value.trim())
+            .unwrap_or_default();
+        if annotation.is_empty() {
+            return SourceRanges::Any;
+        }
+        (
+            annotation.split(',').collect(),
+            Box::new(|i| format!("annotation {ANNOTATION_SOURCE_RANGES} (entry {i})")),
+        )
+    };
+    let mut allowed = BTreeSet::new();
+    let mut invalid = Vec::new();
+    for (i, range) in ranges.iter().enumerate() {
+        let range = range.trim();
+        match range.parse::<Ipv4Cidr>() {
+            Ok(cidr) => {
+                allowed.insert(cidr);
+            }
+            // Another family's range: kube-proxy applies it to that family.
+            Err(_) if is_ipv6_cidr(range) => {}
+            Err(error) => invalid.push(format!("{}: {error}", describe(i))),
+        }
+    }
+    if !invalid.is_empty() {
+        warn(format!(
+            "{}; the load-balancer frontends admit no client until it is fixed",
+            invalid.join("; ")
+        ));
+        return SourceRanges::Only(BTreeSet::new());
+    }
+    if allowed.is_empty() {
+        // Only IPv6 ranges: no IPv4 restriction, as kube-proxy.
+        return SourceRanges::Any;
+    }
+    SourceRanges::Only(allowed)
+}
+
+fn is_ipv6_cidr(range: &str) -> bool {
+    range.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|len| len <= 128)
+    })
+}
+
+/// The IPv4 endpoint addresses of a Service's slices on `node`.
+fn local_addresses(slices: &[&EndpointSlice], node: Option<&str>) -> BTreeSet<Ipv4Addr> {
+    let Some(node) = node else {
+        return BTreeSet::new();
+    };
+    slices
+        .iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|endpoint| endpoint.node_name.as_deref() == Some(node))
+        .filter_map(|endpoint| endpoint.addresses.first()?.parse::<Ipv4Addr>().ok())
+        .collect()
+}
+
+/// Which endpoints may take new connections (a traffic policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Locality<'a> {
     /// Every endpoint.
     Cluster,
@@ -637,11 +932,17 @@ enum Locality<'a> {
 }
 
 impl Locality<'_> {
-    fn admits(self, endpoint: &Endpoint) -> bool {
+    /// Whether an endpoint on `node` takes new connections.
+    fn admits(self, node: Option<&str>) -> bool {
         match self {
             Locality::Cluster => true,
-            Locality::Node(node) => node.is_some() && endpoint.node_name.as_deref() == node,
+            Locality::Node(this) => this.is_some() && node == this,
         }
+    }
+
+    /// Both select the same endpoints, so they can share a service id.
+    fn same_endpoints(self, other: Self) -> bool {
+        self == other
     }
 }
 
@@ -704,14 +1005,43 @@ impl Conditions {
     }
 }
 
-/// Backends of the service port `port_name`/`proto` from its slices.
-fn backends_of(
+/// Endpoints of one service port, with the node of each copy.
+struct Endpoints<'a> {
+    by_addr: BTreeMap<SocketAddrV4, Vec<(Option<&'a str>, Conditions)>>,
+}
+
+impl<'a> Endpoints<'a> {
+    fn values(&self) -> impl Iterator<Item = EndpointView<'_, 'a>> {
+        self.by_addr.values().map(|copies| EndpointView { copies })
+    }
+}
+
+/// One endpoint address's copies.
+struct EndpointView<'e, 'a> {
+    copies: &'e [(Option<&'a str>, Conditions)],
+}
+
+impl EndpointView<'_, '_> {
+    /// Its conditions over the copies a locality admits.
+    fn admitted(&self, locality: Locality) -> Conditions {
+        let mut merged = Conditions::default();
+        for (node, conditions) in self.copies {
+            if locality.admits(*node) {
+                merged.ready |= conditions.ready;
+                merged.serving_terminating |= conditions.serving_terminating;
+            }
+        }
+        merged
+    }
+}
+
+/// The endpoints of the service port `port_name`/`proto` from its slices.
+fn endpoints_of<'a>(
     port_name: &str,
     proto: Protocol,
-    slices: &[&EndpointSlice],
-    locality: Locality,
-) -> BTreeMap<SocketAddrV4, Readiness> {
-    let mut endpoints: BTreeMap<SocketAddrV4, Conditions> = BTreeMap::new();
+    slices: &[&'a EndpointSlice],
+) -> Endpoints<'a> {
+    let mut by_addr: BTreeMap<SocketAddrV4, Vec<(Option<&'a str>, Conditions)>> = BTreeMap::new();
     for slice in slices {
         // The slice port of the same name and protocol gives the target
         // port; a slice without one has no endpoint for this service port.
@@ -735,20 +1065,28 @@ fn backends_of(
             else {
                 continue;
             };
-            let conditions = Conditions::of(endpoint);
-            // An endpoint the locality excludes stays listed, not ready.
-            let eligible = locality.admits(endpoint);
-            let merged = endpoints
+            by_addr
                 .entry(SocketAddrV4::new(addr, target_port))
-                .or_default();
-            merged.ready |= conditions.ready && eligible;
-            merged.serving_terminating |= conditions.serving_terminating && eligible;
+                .or_default()
+                .push((endpoint.node_name.as_deref(), Conditions::of(endpoint)));
         }
     }
-    // kube-proxy: with no ready endpoint, serving terminating endpoints
-    // take new connections rather than refusing them.
-    let any_ready = endpoints.values().any(|c| c.ready);
-    endpoints
+    Endpoints { by_addr }
+}
+
+/// The backends a locality gives a service port: every endpoint listed,
+/// ready if the locality admits a ready copy of it. As kube-proxy, when
+/// none is ready, the admitted serving terminating endpoints take new
+/// connections rather than refusing them. An endpoint the locality
+/// excludes stays listed, not ready, so flows open to it keep working.
+fn readiness(endpoints: &Endpoints, locality: Locality) -> BTreeMap<SocketAddrV4, Readiness> {
+    let admitted: Vec<(SocketAddrV4, Conditions)> = endpoints
+        .by_addr
+        .iter()
+        .map(|(addr, copies)| (*addr, EndpointView { copies }.admitted(locality)))
+        .collect();
+    let any_ready = admitted.iter().any(|(_, c)| c.ready);
+    admitted
         .into_iter()
         .map(|(addr, c)| {
             let ready = c.ready || (!any_ready && c.serving_terminating);
@@ -780,6 +1118,7 @@ mod tests {
             name: service.into(),
             port_name: port.into(),
             proto,
+            traffic: Traffic::Internal,
         }
     }
 
@@ -841,7 +1180,7 @@ endpoints:
 
         let http = state.service(&name("web", "http", Protocol::Tcp)).unwrap();
         assert_eq!(
-            http.frontends.iter().copied().collect::<Vec<_>>(),
+            http.frontends.keys().copied().collect::<Vec<_>>(),
             [Frontend {
                 addr: Ipv4Addr::new(198, 18, 100, 10),
                 port: 80,
@@ -1349,6 +1688,7 @@ endpoints:
         Scope {
             node_name: node.map(str::to_owned),
             service_proxy_name: proxy.map(str::to_owned),
+            ..Scope::default()
         }
     }
 

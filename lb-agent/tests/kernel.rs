@@ -13,7 +13,7 @@ use common::{NetnsGuard, PinDirGuard, load_options, require_privileges};
 use lb_agent::datapath::loader::{Datapath, LoadError};
 use lb_agent::datapath::writer::{MapOps, Writer};
 use lb_agent::inspect::{self, ServiceEntry};
-use lb_agent::model::{Protocol, ServicePortName};
+use lb_agent::model::{Protocol, ServicePortName, Traffic};
 use lb_agent::source::manifests::ManifestSource;
 use lb_common::conntrack::{FLOW_F_REPLY_SEEN, Flow, FlowKey};
 use lb_common::names::{ALL_MAPS, MAP_CONNTRACK};
@@ -35,6 +35,7 @@ fn web_http() -> ServicePortName {
         name: "web".into(),
         port_name: "http".into(),
         proto: Protocol::Tcp,
+        traffic: Traffic::Internal,
     }
 }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::affinity::{Member, MemberKey};
 use lb_common::backend::{Backend, BackendAddr, RevNat};
@@ -10,12 +11,13 @@ use lb_common::config::defaults::MAGLEV_TABLE_SIZE;
 use lb_common::conntrack::{Flow, FlowKey};
 use lb_common::names::{
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
 };
+use lb_common::nat::{SOURCE_RANGE_ALLOWED, SourceRange};
 use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
 use lb_common::stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats};
 
-use super::writer::{MapContents, MapOps, MapReadError, MapWrite, MapWriteError};
+use super::writer::{MapContents, MapOps, MapReadError, MapWrite, MapWriteError, SourceRangeKey};
 
 /// Opening one of the datapath's maps failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,33 @@ pub struct AyaMaps {
     maglev_table_size: u32,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
+}
+
+/// The `LB_SRC_RANGES` key of an entry.
+pub fn source_range_key(key: &SourceRangeKey) -> Key<SourceRange> {
+    let (prefix_len, data) = key.lpm();
+    Key::new(prefix_len, data)
+}
+
+/// Every entry of an `LB_SRC_RANGES` map, skipping keys deleted during the
+/// walk and keys no writer writes.
+pub fn read_source_ranges<T: std::borrow::Borrow<MapData>>(
+    map: &LpmTrie<T, SourceRange, u8>,
+) -> Result<BTreeSet<SourceRangeKey>, MapReadError> {
+    let mut entries = BTreeSet::new();
+    for key in map.keys() {
+        match key {
+            Ok(key) => {
+                if let Some(key) = SourceRangeKey::from_lpm(key.prefix_len(), key.data()) {
+                    entries.insert(key);
+                }
+            }
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(read_error(MAP_SOURCE_RANGES, e)),
+        }
+    }
+    Ok(entries)
 }
 
 impl AyaMaps {
@@ -84,6 +113,7 @@ impl AyaMaps {
             maglev_table_size: MAGLEV_TABLE_SIZE,
             service_stats: typed(open(MAP_SERVICE_STATS)?, MAP_SERVICE_STATS)?,
             backend_stats: typed(open(MAP_BACKEND_STATS)?, MAP_BACKEND_STATS)?,
+            source_ranges: typed(open(MAP_SOURCE_RANGES)?, MAP_SOURCE_RANGES)?,
         })
     }
 
@@ -233,6 +263,13 @@ impl MapOps for AyaMaps {
                 backend_id,
                 0,
             ),
+            MapWrite::SourceRange { key } => {
+                self.source_ranges
+                    .insert(&source_range_key(key), &SOURCE_RANGE_ALLOWED, 0)
+            }
+            MapWrite::DeleteSourceRange { key } => {
+                self.source_ranges.remove(&source_range_key(key))
+            }
             MapWrite::ResetServiceStats { slot } => {
                 zeroed_per_cpu().and_then(|zero| self.service_stats.set(*slot, zero, 0))
             }
@@ -285,6 +322,7 @@ impl MapOps for AyaMaps {
                 .map_err(|e| read_error(MAP_MAGLEV, e))?;
             contents.maglev.insert(table, entries);
         }
+        contents.source_ranges = read_source_ranges(&self.source_ranges)?;
         Ok(contents)
     }
 

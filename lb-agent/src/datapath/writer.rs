@@ -28,21 +28,23 @@ use std::net::SocketAddrV4;
 
 use lb_common::affinity::MemberKey;
 use lb_common::backend::{
-    BACKEND_F_ACTIVE, BACKEND_F_NOT_READY, Backend, BackendAddr, MAX_REVNAT_SERVICES, RevNat,
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_NOT_READY, Backend, BackendAddr,
+    MAX_REVNAT_SERVICES, RevNat,
 };
 use lb_common::names::{
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SLOTS,
+    MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
 };
 use lb_common::service::{
-    SERVICE_F_DROP, SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey,
+    SERVICE_F_DROP, SERVICE_F_MAGLEV, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, Slot,
+    SlotKey,
 };
 use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
 
 use super::maglev;
 use crate::model::{
-    DesiredState, Frontend, Protocol, Readiness, Selection, ServicePort, ServicePortName,
+    DesiredState, Frontend, Ipv4Cidr, Protocol, Readiness, Selection, ServicePort, ServicePortName,
 };
 
 /// One write to one BPF map.
@@ -90,6 +92,14 @@ pub enum MapWrite {
         entry: u32,
         backend_id: u32,
     },
+    /// Insert an entry of `LB_SRC_RANGES`: clients in `key.range` may open
+    /// connections through the load-balancer frontends of `key.service_id`.
+    SourceRange {
+        key: SourceRangeKey,
+    },
+    DeleteSourceRange {
+        key: SourceRangeKey,
+    },
     /// Zero entry `slot` of `LB_SVC_STATS` on every CPU (a new service id).
     ResetServiceStats {
         slot: u32,
@@ -110,6 +120,7 @@ impl MapWrite {
             MapWrite::RevNat { .. } | MapWrite::DeleteRevNat { .. } => MAP_REVNAT,
             MapWrite::Member { .. } | MapWrite::DeleteMember { .. } => MAP_MEMBERS,
             MapWrite::Maglev { .. } => MAP_MAGLEV,
+            MapWrite::SourceRange { .. } | MapWrite::DeleteSourceRange { .. } => MAP_SOURCE_RANGES,
             MapWrite::ResetServiceStats { .. } => MAP_SERVICE_STATS,
             MapWrite::ResetBackendStats { .. } => MAP_BACKEND_STATS,
         }
@@ -121,7 +132,8 @@ impl MapWrite {
             MapWrite::DeleteService { .. }
             | MapWrite::DeleteSlot { .. }
             | MapWrite::DeleteRevNat { .. }
-            | MapWrite::DeleteMember { .. } => "bpf_map_delete_elem",
+            | MapWrite::DeleteMember { .. }
+            | MapWrite::DeleteSourceRange { .. } => "bpf_map_delete_elem",
             _ => "bpf_map_update_elem",
         }
     }
@@ -152,10 +164,11 @@ impl fmt::Display for MapWrite {
         match self {
             MapWrite::Service { key, value } => write!(
                 f,
-                "{} -> id {} count {}",
+                "{} -> id {} count {} flags {:#x}",
                 l4(key.addr, key.port, key.proto),
                 value.id,
-                value.backend_count
+                value.backend_count,
+                value.flags
             )?,
             MapWrite::DeleteService { key } => f.write_str(&l4(key.addr, key.port, key.proto))?,
             MapWrite::Slot { key, value } => write!(
@@ -188,11 +201,45 @@ impl fmt::Display for MapWrite {
                 entry,
                 backend_id,
             } => write!(f, "table {table} entry {entry} -> backend {backend_id}")?,
+            MapWrite::SourceRange { key } | MapWrite::DeleteSourceRange { key } => {
+                write!(f, "service {} client {}", key.service_id, key.range)?
+            }
             MapWrite::ResetServiceStats { slot } | MapWrite::ResetBackendStats { slot } => {
                 write!(f, "entry {slot} -> 0")?
             }
         }
         f.write_str(")")
+    }
+}
+
+/// An entry of `LB_SRC_RANGES`: a client range of a service id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub range: Ipv4Cidr,
+}
+
+impl SourceRangeKey {
+    /// The LPM trie key: `32 + n` bits of (service id, range address).
+    pub fn lpm(&self) -> (u32, lb_common::nat::SourceRange) {
+        (
+            lb_common::nat::SourceRange::SERVICE_ID_BITS + u32::from(self.range.prefix_len()),
+            lb_common::nat::SourceRange::new(self.service_id, u32::from(self.range.addr()).to_be()),
+        )
+    }
+
+    /// The entry an LPM trie key names; `None` for a key no writer writes
+    /// (a prefix shorter than the service id).
+    pub fn from_lpm(prefix_len: u32, data: lb_common::nat::SourceRange) -> Option<Self> {
+        let bits = prefix_len.checked_sub(lb_common::nat::SourceRange::SERVICE_ID_BITS)?;
+        let range = Ipv4Cidr::new(
+            std::net::Ipv4Addr::from(u32::from_be(data.addr)),
+            u8::try_from(bits).ok()?,
+        )?;
+        Some(Self {
+            service_id: u32::from_be(data.service_id_be),
+            range,
+        })
     }
 }
 
@@ -226,6 +273,7 @@ pub struct MapContents {
     /// Maglev tables by index; only tables a Maglev service uses are read
     /// back from the kernel.
     pub maglev: BTreeMap<u16, Vec<u32>>,
+    pub source_ranges: BTreeSet<SourceRangeKey>,
 }
 
 impl MapContents {
@@ -275,9 +323,26 @@ impl MapContents {
                 }
                 entries[entry] = backend_id;
             }
+            MapWrite::SourceRange { key } => {
+                self.source_ranges.insert(key);
+            }
+            MapWrite::DeleteSourceRange { key } => {
+                self.source_ranges.remove(&key);
+            }
             // Counters are not mirrored.
             MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. } => {}
         }
+    }
+
+    /// The client ranges of one service id.
+    fn service_source_ranges(&self, service_id: u32) -> impl Iterator<Item = &SourceRangeKey> {
+        let first = SourceRangeKey {
+            service_id,
+            range: Ipv4Cidr::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
+        };
+        self.source_ranges
+            .range(first..)
+            .take_while(move |key| key.service_id == service_id)
     }
 
     /// Slots `0..` of a service, up to the first missing one.
@@ -377,10 +442,31 @@ fn slot_layout(old: &[u32], ready: &[u32]) -> Vec<u32> {
 
 /// What the desired state asks of a backend, from the service ports that
 /// list it.
-fn wanted_backend(listers: &BTreeMap<ServicePortName, (u32, Readiness)>) -> WantedBackend {
+fn wanted_backend(listers: &BTreeMap<ServicePortName, Listing>) -> WantedBackend {
     WantedBackend {
-        ready_anywhere: listers.values().any(|(_, readiness)| readiness.is_ready()),
-        services: listers.values().map(|(id, _)| *id).collect(),
+        ready_anywhere: listers.values().any(|listing| listing.readiness.is_ready()),
+        local: listers.values().any(|listing| listing.local),
+        services: listers.values().map(|listing| listing.id).collect(),
+    }
+}
+
+/// How one service port lists a backend.
+#[derive(Clone, Copy, Debug)]
+struct Listing {
+    /// The service port's id.
+    id: u32,
+    readiness: Readiness,
+    /// The endpoint runs on this node.
+    local: bool,
+}
+
+impl Listing {
+    fn of(id: u32, port: &ServicePort, addr: &SocketAddrV4, readiness: Readiness) -> Self {
+        Self {
+            id,
+            readiness,
+            local: port.is_local(addr),
+        }
     }
 }
 
@@ -388,6 +474,8 @@ fn wanted_backend(listers: &BTreeMap<ServicePortName, (u32, Readiness)>) -> Want
 #[derive(Default)]
 struct WantedBackend {
     ready_anywhere: bool,
+    /// On this node (`BACKEND_F_LOCAL`), as any listing says.
+    local: bool,
     services: BTreeSet<u32>,
 }
 
@@ -439,7 +527,7 @@ pub struct Writer<M: MapOps> {
     /// The service ports of the last apply, to find what the next one changes.
     applied: BTreeMap<ServicePortName, ServicePort>,
     /// Per backend, the service ports of the last apply that list it.
-    listers: BTreeMap<BackendAddr, BTreeMap<ServicePortName, (u32, Readiness)>>,
+    listers: BTreeMap<BackendAddr, BTreeMap<ServicePortName, Listing>>,
     /// The next apply must look at everything: nothing was applied yet, an
     /// apply failed somewhere, a setting changed, or a Maglev service
     /// waits for a table (see [`Writer::apply`]).
@@ -793,6 +881,9 @@ impl<M: MapOps> Writer<M> {
         for key in stale_members {
             self.write(MapWrite::DeleteMember { key }, &mut report);
         }
+        for key in self.stale_source_ranges(desired, scope.as_ref()) {
+            self.write(MapWrite::DeleteSourceRange { key }, &mut report);
+        }
         // Tables no frontend uses any more are free for other services.
         let default_selection = self.default_selection;
         let wants_maglev =
@@ -866,7 +957,7 @@ impl<M: MapOps> Writer<M> {
                         .listers
                         .get(key)
                         .into_iter()
-                        .flat_map(|listers| listers.values().map(|(id, _)| *id))
+                        .flat_map(|listers| listers.values().map(|listing| listing.id))
                         .chain(scope.old_listers.get(key).into_iter().flatten().copied());
                     for service_id in listers {
                         if self
@@ -1020,6 +1111,21 @@ impl<M: MapOps> Writer<M> {
             }
         }
 
+        // Client ranges before a frontend can check them: a frontend that
+        // gains `SERVICE_F_SOURCE_RANGES` (or appears with it) finds every
+        // range of its id. Ranges it loses go in step 3.
+        for range in port.source_ranges.ranges() {
+            let key = SourceRangeKey {
+                service_id: id,
+                range: *range,
+            };
+            if !self.programmed.source_ranges.contains(&key)
+                && !self.write(MapWrite::SourceRange { key }, report)
+            {
+                return;
+            }
+        }
+
         let beyond_old = old.len()..new.len();
         let rewrites = (0..old.len().min(new.len())).filter(|&slot| old[slot] != new[slot]);
         for slot in beyond_old.chain(rewrites) {
@@ -1065,12 +1171,79 @@ impl<M: MapOps> Writer<M> {
                 None => return,
             }
         }
-        for frontend in &port.frontends {
+        for (frontend, kind) in port.frontends.iter() {
             let key = frontend.key();
+            let value = ServiceValue {
+                flags: value.flags | port.frontend_flags(kind),
+                ..value
+            };
             if self.programmed.services.get(&key) != Some(&value) {
                 self.write(MapWrite::Service { key, value }, report);
             }
         }
+    }
+
+    /// Step 3 for `LB_SRC_RANGES`: the programmed client ranges no desired
+    /// service port with frontends asks for (of the ids in scope, or all).
+    /// A range stays while a frontend of its id still carries
+    /// `SERVICE_F_SOURCE_RANGES` that the desired state wants without it
+    /// (its rewrite failed, or its removal did): deleting the range would
+    /// refuse clients the Service admits.
+    fn stale_source_ranges(
+        &self,
+        desired: &DesiredState,
+        scope: Option<&Scope>,
+    ) -> Vec<SourceRangeKey> {
+        let wanted_of = |name: &ServicePortName| -> Option<(u32, &ServicePort)> {
+            let port = desired.service(name)?;
+            (!port.frontends.is_empty()).then(|| (self.service_ids[name], port))
+        };
+        let (wanted, ids): (BTreeMap<u32, &ServicePort>, BTreeSet<u32>) = match scope {
+            None => (
+                desired
+                    .services()
+                    .filter_map(|(name, _)| wanted_of(name))
+                    .collect(),
+                self.programmed
+                    .source_ranges
+                    .iter()
+                    .map(|key| key.service_id)
+                    .collect(),
+            ),
+            Some(scope) => (
+                scope.services.iter().filter_map(wanted_of).collect(),
+                scope.ids.keys().copied().collect(),
+            ),
+        };
+        let still_flagged: BTreeSet<u32> = match scope {
+            None => self
+                .programmed
+                .services
+                .values()
+                .filter(|value| value.flags & SERVICE_F_SOURCE_RANGES != 0)
+                .map(|value| value.id)
+                .collect(),
+            Some(scope) => scope
+                .ids
+                .iter()
+                .filter(|(id, keys)| {
+                    keys.iter()
+                        .filter_map(|key| self.programmed.services.get(key))
+                        .any(|value| value.id == **id && value.flags & SERVICE_F_SOURCE_RANGES != 0)
+                })
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        ids.into_iter()
+            .flat_map(|id| self.programmed.service_source_ranges(id))
+            .filter(|key| match wanted.get(&key.service_id) {
+                Some(port) if port.source_ranges.is_restricted() => {
+                    !port.source_ranges.ranges().any(|range| *range == key.range)
+                }
+                _ => !still_flagged.contains(&key.service_id),
+            })
+            .copied()
+            .collect()
     }
 
     /// Programmed slots of the service ids in scope (all without a scope),
@@ -1103,7 +1276,12 @@ impl<M: MapOps> Writer<M> {
     fn settled_backend(&self, key: &BackendAddr) -> Option<UsableBackend> {
         let id = *self.backend_ids.get(key)?;
         let final_value = *self.programmed.backends.get(&id)?;
-        let listers: BTreeSet<u32> = self.listers.get(key)?.values().map(|(id, _)| *id).collect();
+        let listers: BTreeSet<u32> = self
+            .listers
+            .get(key)?
+            .values()
+            .map(|listing| listing.id)
+            .collect();
         let links: BTreeSet<u32> = listers.into_iter().take(MAX_REVNAT_SERVICES).collect();
         Some(UsableBackend {
             id,
@@ -1127,7 +1305,7 @@ impl<M: MapOps> Writer<M> {
                 self.listers
                     .entry(backend_key(*addr, name.proto))
                     .or_default()
-                    .insert(name.clone(), (id, *readiness));
+                    .insert(name.clone(), Listing::of(id, port, addr, *readiness));
             }
         }
     }
@@ -1174,7 +1352,7 @@ impl<M: MapOps> Writer<M> {
             let id = self.service_ids[name];
             let frontends = scope.ids.entry(id).or_default();
             if let Some(old) = self.applied.get(name) {
-                for frontend in &old.frontends {
+                for frontend in old.frontends.keys() {
                     frontends.insert(frontend.key());
                     scope.old_frontends.insert((frontend.key(), *frontend));
                 }
@@ -1193,7 +1371,7 @@ impl<M: MapOps> Writer<M> {
                 .listers
                 .get(key)
                 .into_iter()
-                .flat_map(|listers| listers.values().map(|(id, _)| *id))
+                .flat_map(|listers| listers.values().map(|listing| listing.id))
                 .collect();
             scope.old_listers.insert(*key, ids);
         }
@@ -1216,7 +1394,7 @@ impl<M: MapOps> Writer<M> {
                     self.listers
                         .entry(backend_key(*addr, name.proto))
                         .or_default()
-                        .insert(name.clone(), (id, *readiness));
+                        .insert(name.clone(), Listing::of(id, new, addr, *readiness));
                 }
                 self.applied.insert(name.clone(), new.clone());
             }
@@ -1236,7 +1414,7 @@ impl<M: MapOps> Writer<M> {
             let id = self.service_ids[name];
             let frontends = scope.ids.entry(id).or_default();
             if let Some(port) = desired.service(name) {
-                frontends.extend(port.frontends.iter().map(|frontend| frontend.key()));
+                frontends.extend(port.frontends.keys().map(|frontend| frontend.key()));
             }
         }
         scope
@@ -1256,7 +1434,7 @@ impl<M: MapOps> Writer<M> {
                 None => {
                     let inherited = port
                         .frontends
-                        .iter()
+                        .keys()
                         .find_map(|frontend| self.inherited_ids.get(&frontend.key()).copied());
                     let id = match inherited {
                         Some(id) => id,
@@ -1333,6 +1511,9 @@ impl<M: MapOps> Writer<M> {
         let mut flags = BACKEND_F_ACTIVE;
         if !backend.ready_anywhere {
             flags |= BACKEND_F_NOT_READY;
+        }
+        if backend.local {
+            flags |= BACKEND_F_LOCAL;
         }
         let final_value = Backend {
             addr: key.addr,
@@ -1582,7 +1763,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Frontend, Readiness, ServicePort};
+    use crate::model::{Frontend, Readiness, ServicePort, Traffic};
 
     /// An in-memory map set that records every write, checks the
     /// datapath's invariants after each one, and can refuse writes.
@@ -1745,6 +1926,7 @@ mod tests {
             name: service.into(),
             port_name: String::new(),
             proto: Protocol::Tcp,
+            traffic: Traffic::Internal,
         }
     }
 
@@ -2658,6 +2840,7 @@ mod tests {
             affinity_timeout: rng.chance(20).then_some(60),
             selection,
             drop_without_backend: rng.chance(20),
+            ..ServicePort::default()
         }
     }
 

@@ -79,6 +79,8 @@ pub fn load_options(pin_dir: &Path) -> LoadOptions {
             flows: 1024,
             affinities: 1024,
             maglev_tables: 2,
+            snat_flows: 256,
+            source_ranges: 64,
         },
         config: DatapathConfig::DEFAULT,
     }
