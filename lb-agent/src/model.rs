@@ -654,4 +654,139 @@ mod tests {
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         assert_eq!(key.proto, lb_common::proto::TCP);
     }
+
+    #[test]
+    fn cidrs_parse_like_go() {
+        let cases = [
+            ("198.18.254.0/24", Some("198.18.254.0/24")),
+            // Host bits are cleared, as net.ParseCIDR's network.
+            ("198.18.254.77/24", Some("198.18.254.0/24")),
+            ("0.0.0.0/0", Some("0.0.0.0/0")),
+            ("198.18.254.1/32", Some("198.18.254.1/32")),
+            ("198.18.254.1", None),
+            ("198.18.254.1/33", None),
+            ("198.18.254.1/", None),
+            ("198.18.254.1/+8", None),
+            ("198.18.254/24", None),
+            ("2001:db8::/32", None),
+            ("", None),
+        ];
+        for (input, expected) in cases {
+            let parsed = input.parse::<Ipv4Cidr>().ok().map(|c| c.to_string());
+            assert_eq!(parsed.as_deref(), expected, "{input}");
+        }
+        let range: Ipv4Cidr = "198.18.254.0/24".parse().unwrap();
+        assert!(range.contains(Ipv4Addr::new(198, 18, 254, 200)));
+        assert!(!range.contains(Ipv4Addr::new(198, 18, 255, 1)));
+        let everyone: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(everyone.contains(Ipv4Addr::new(203, 0, 113, 1)));
+    }
+
+    #[test]
+    fn source_ranges_admit() {
+        let client = Ipv4Addr::new(198, 18, 254, 100);
+        assert!(SourceRanges::Any.admits(client));
+        assert!(!SourceRanges::Only(BTreeSet::new()).admits(client));
+        let ranges = SourceRanges::Only(["198.18.254.100/32".parse().unwrap()].into());
+        assert!(ranges.admits(client));
+        assert!(!ranges.admits(Ipv4Addr::new(198, 18, 254, 101)));
+        assert!(ranges.is_restricted() && !SourceRanges::Any.is_restricted());
+    }
+
+    #[test]
+    fn frontend_flags_by_kind() {
+        use lb_common::service::{SERVICE_F_EXTERNAL, SERVICE_F_SOURCE_RANGES};
+        let restricted = ServicePort {
+            source_ranges: SourceRanges::Only(BTreeSet::new()),
+            ..ServicePort::default()
+        };
+        let open = ServicePort::default();
+        let cases = [
+            (FrontendKind::ClusterIp, 0, 0),
+            (
+                FrontendKind::NodePort,
+                SERVICE_F_EXTERNAL,
+                SERVICE_F_EXTERNAL,
+            ),
+            (
+                FrontendKind::ExternalIp,
+                SERVICE_F_EXTERNAL,
+                SERVICE_F_EXTERNAL,
+            ),
+            (
+                FrontendKind::LoadBalancer,
+                SERVICE_F_EXTERNAL,
+                SERVICE_F_EXTERNAL | SERVICE_F_SOURCE_RANGES,
+            ),
+        ];
+        for (kind, unrestricted_flags, restricted_flags) in cases {
+            assert_eq!(open.frontend_flags(kind), unrestricted_flags, "{kind}");
+            assert_eq!(restricted.frontend_flags(kind), restricted_flags, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_frontend_listed_twice_keeps_the_most_restrictive_kind() {
+        let mut frontends = Frontends::from([(frontend(80), FrontendKind::ExternalIp)]);
+        frontends.insert(frontend(80), FrontendKind::LoadBalancer);
+        frontends.insert(frontend(80), FrontendKind::NodePort);
+        assert_eq!(
+            frontends.kind(&frontend(80)),
+            Some(FrontendKind::LoadBalancer)
+        );
+        // Merging service ports of one name does the same.
+        let mut state = DesiredState::new();
+        for kind in [FrontendKind::LoadBalancer, FrontendKind::ExternalIp] {
+            state.insert(
+                name("a", ""),
+                ServicePort {
+                    frontends: [(frontend(80), kind)].into(),
+                    ..ServicePort::default()
+                },
+            );
+        }
+        assert_eq!(
+            state
+                .service(&name("a", ""))
+                .unwrap()
+                .frontends
+                .kind(&frontend(80)),
+            Some(FrontendKind::LoadBalancer)
+        );
+    }
+
+    #[test]
+    fn a_health_check_port_has_one_owner() {
+        let check = |name: &str, count| HealthCheck {
+            namespace: "default".into(),
+            name: name.into(),
+            local_endpoints: count,
+        };
+        let mut state = DesiredState::new();
+        assert_eq!(state.insert_health_check(32000, check("a", 1)), Ok(()));
+        // The same Service again (another of its ports): replaced.
+        assert_eq!(state.insert_health_check(32000, check("a", 2)), Ok(()));
+        let conflict = state.insert_health_check(32000, check("b", 5)).unwrap_err();
+        assert_eq!(conflict.owner_name, "a");
+        assert_eq!(state.health_checks()[&32000], check("a", 2));
+        assert_eq!(
+            serde_json::to_value(&state.health_checks()[&32000]).unwrap(),
+            serde_json::json!({"namespace": "default", "name": "a", "localEndpoints": 2})
+        );
+    }
+
+    #[test]
+    fn external_traffic_names_display_apart() {
+        let internal = name("web", "http");
+        let external = ServicePortName {
+            traffic: Traffic::External,
+            ..internal.clone()
+        };
+        assert_eq!(internal.to_string(), "default/web:http/tcp");
+        assert_eq!(
+            external.to_string(),
+            "default/web:http/tcp (external traffic)"
+        );
+        assert!(internal < external);
+    }
 }

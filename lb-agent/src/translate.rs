@@ -1775,4 +1775,639 @@ endpoints:
         assert_eq!(services_of(&labelled("lb"), Some("lb")), 2);
         assert_eq!(services_of(&labelled("other"), Some("lb")), 0);
     }
+
+    // External frontends.
+
+    const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 1);
+    const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 11);
+    const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 50);
+    const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 253, 1);
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 253, 2);
+
+    /// The agent on node `here` with two node addresses.
+    fn node_scope() -> Scope {
+        Scope {
+            node_name: Some("here".into()),
+            node_addresses: vec![NODE_A, NODE_B],
+            ..Scope::default()
+        }
+    }
+
+    /// Service `ext` (one TCP port 80, nodePort 30080) with `spec` lines
+    /// added to its spec, and `status` as its status.
+    fn ext_service(spec: &str, status: &str) -> Service {
+        service(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: ext}}
+spec:
+  clusterIP: 198.18.100.50
+  ports: [{{port: 80, nodePort: 30080, targetPort: 8080}}]
+{spec}
+status: {{{status}}}
+"#
+        ))
+    }
+
+    /// Endpoints of `ext`: 10 ready here, 11 ready there, 12 on this node
+    /// but serving terminating.
+    const EXT_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ext-1
+  labels: {kubernetes.io/service-name: ext}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.18.0.10], nodeName: here}
+- {addresses: [198.18.0.11], nodeName: there}
+- {addresses: [198.18.0.12], nodeName: here, conditions: {ready: false, serving: true, terminating: true}}
+"#;
+
+    fn ext_name(traffic: Traffic) -> ServicePortName {
+        ServicePortName {
+            traffic,
+            ..name("ext", "", Protocol::Tcp)
+        }
+    }
+
+    fn tcp(addr: Ipv4Addr, port: u16) -> Frontend {
+        Frontend {
+            addr,
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn warnings(translation: &Translation) -> Vec<&str> {
+        translation
+            .notices
+            .iter()
+            .filter(|n| n.level == NoticeLevel::Warn)
+            .map(|n| n.message.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn external_frontends_by_service_type() {
+        let lb_status = "loadBalancer: {ingress: [{ip: 198.18.253.1}, {hostname: lb.example.org}, {ip: \"2001:db8::1\"}]}";
+        let cluster = [(tcp(CLUSTER_IP, 80), FrontendKind::ClusterIp)];
+        let node_ports = [
+            (tcp(NODE_A, 30080), FrontendKind::NodePort),
+            (tcp(NODE_B, 30080), FrontendKind::NodePort),
+        ];
+        let external_ip = (tcp(EXTERNAL_IP, 80), FrontendKind::ExternalIp);
+        let load_balancer = (tcp(LB_IP, 80), FrontendKind::LoadBalancer);
+        let cases: [(&str, &str, Vec<(Frontend, FrontendKind)>); 6] = [
+            // A ClusterIP Service has no NodePort, even with one written,
+            // and no load-balancer address, even with a status.
+            ("", lb_status, cluster.to_vec()),
+            (
+                "  type: NodePort",
+                "",
+                [&cluster[..], &node_ports[..]].concat(),
+            ),
+            (
+                "  type: LoadBalancer",
+                lb_status,
+                [&cluster[..], &node_ports[..], &[load_balancer]].concat(),
+            ),
+            // externalIPs on any type; IPv6 ones are not proxied.
+            (
+                "  externalIPs: [198.18.253.2, \"2001:db8::2\"]",
+                "",
+                [&cluster[..], &[external_ip]].concat(),
+            ),
+            // `ipMode: Proxy`: the load balancer proxies to the node.
+            (
+                "  type: LoadBalancer",
+                "loadBalancer: {ingress: [{ip: 198.18.253.1, ipMode: Proxy}]}",
+                [&cluster[..], &node_ports[..]].concat(),
+            ),
+            // An address that is both an external IP and a load-balancer
+            // IP is the more restrictive load-balancer frontend.
+            (
+                "  type: LoadBalancer\n  externalIPs: [198.18.253.1]",
+                lb_status,
+                [&cluster[..], &node_ports[..], &[load_balancer]].concat(),
+            ),
+        ];
+        for (spec, status, expected) in cases {
+            let translation = translate_in(&node_scope(), &[ext_service(spec, status)], &[]);
+            assert!(
+                warnings(&translation).is_empty(),
+                "{spec}: {:?}",
+                translation.notices
+            );
+            let state = &translation.state;
+            assert_eq!(state.services().len(), 1, "{spec}");
+            let port = state.service(&ext_name(Traffic::Internal)).unwrap();
+            let mut expected = expected;
+            expected.sort();
+            assert_eq!(
+                port.frontends
+                    .iter()
+                    .map(|(f, k)| (*f, k))
+                    .collect::<Vec<_>>(),
+                expected,
+                "{spec} / {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_shares_or_splits_the_service_id() {
+        let slices = [slice(EXT_SLICE)];
+        let ready = |port: &ServicePort| {
+            port.ready_backends()
+                .map(|addr| addr.ip().octets()[3])
+                .collect::<Vec<_>>()
+        };
+        // (internalTrafficPolicy, externalTrafficPolicy) -> separate
+        // external service port?, ready backends of the internal one and
+        // of the external frontends, and whether they drop.
+        let cases = [
+            (
+                "Cluster",
+                "Cluster",
+                false,
+                vec![10, 11],
+                vec![10, 11],
+                false,
+                false,
+            ),
+            ("Local", "Local", false, vec![10], vec![10], true, true),
+            (
+                "Cluster",
+                "Local",
+                true,
+                vec![10, 11],
+                vec![10],
+                false,
+                true,
+            ),
+            (
+                "Local",
+                "Cluster",
+                true,
+                vec![10],
+                vec![10, 11],
+                true,
+                false,
+            ),
+        ];
+        for (
+            internal,
+            external,
+            split,
+            internal_ready,
+            external_ready,
+            internal_drop,
+            external_drop,
+        ) in cases
+        {
+            let spec = format!(
+                "  type: NodePort\n  internalTrafficPolicy: {internal}\n  externalTrafficPolicy: {external}"
+            );
+            let translation = translate_in(&node_scope(), &[ext_service(&spec, "")], &slices);
+            let state = &translation.state;
+            let case = format!("{internal}/{external}");
+            let internal_port = state.service(&ext_name(Traffic::Internal)).unwrap();
+            assert_eq!(ready(internal_port), internal_ready, "{case}");
+            assert_eq!(internal_port.drop_without_backend, internal_drop, "{case}");
+            let node_port = tcp(NODE_A, 30080);
+            let external_port = if split {
+                assert_eq!(state.services().len(), 2, "{case}");
+                let port = state.service(&ext_name(Traffic::External)).unwrap();
+                // Only the external frontends; the ClusterIP keeps its own id.
+                assert_eq!(port.frontends.len(), 2, "{case}");
+                assert!(!port.frontends.contains(&tcp(CLUSTER_IP, 80)), "{case}");
+                assert_eq!(internal_port.frontends.len(), 1, "{case}");
+                port
+            } else {
+                assert_eq!(state.services().len(), 1, "{case}");
+                assert_eq!(internal_port.frontends.len(), 3, "{case}");
+                internal_port
+            };
+            assert_eq!(
+                external_port.frontends.kind(&node_port),
+                Some(FrontendKind::NodePort),
+                "{case}"
+            );
+            assert_eq!(
+                state.owner(&node_port).unwrap(),
+                &ext_name(if split {
+                    Traffic::External
+                } else {
+                    Traffic::Internal
+                })
+            );
+            assert_eq!(ready(external_port), external_ready, "{case}");
+            assert_eq!(external_port.drop_without_backend, external_drop, "{case}");
+            // Every endpoint stays listed in both (flows open to it live on).
+            assert_eq!(external_port.backends.len(), 3, "{case}");
+            // Locality is the address's, in both.
+            assert_eq!(
+                external_port.local_addresses,
+                BTreeSet::from([Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::new(198, 18, 0, 12)]),
+                "{case}"
+            );
+            assert_eq!(external_port.local_addresses, internal_port.local_addresses);
+        }
+    }
+
+    #[test]
+    fn external_local_without_a_local_ready_endpoint_falls_back_then_drops() {
+        let spec = "  type: NodePort\n  externalTrafficPolicy: Local";
+        // Only the terminating one is here: it takes new connections.
+        let only_terminating = EXT_SLICE.replace(
+            "- {addresses: [198.18.0.10], nodeName: here}",
+            "- {addresses: [198.18.0.10], nodeName: there}",
+        );
+        let state = translate_in(
+            &node_scope(),
+            &[ext_service(spec, "")],
+            &[slice(&only_terminating)],
+        )
+        .state;
+        let external = state.service(&ext_name(Traffic::External)).unwrap();
+        assert_eq!(
+            external.ready_backends().collect::<Vec<_>>(),
+            [addr("198.18.0.12:8080")]
+        );
+        // Nothing here at all: no ready backend, drop.
+        let translation = translate_in(
+            &Scope {
+                node_name: Some("elsewhere".into()),
+                ..node_scope()
+            },
+            &[ext_service(spec, "")],
+            &[slice(EXT_SLICE)],
+        );
+        let external = translation
+            .state
+            .service(&ext_name(Traffic::External))
+            .unwrap();
+        assert_eq!(external.ready_backends().count(), 0);
+        assert!(external.drop_without_backend);
+        assert!(external.local_addresses.is_empty());
+        // Without a node name: warned, same result.
+        let translation = translate_in(
+            &Scope {
+                node_name: None,
+                ..node_scope()
+            },
+            &[ext_service(spec, "")],
+            &[slice(EXT_SLICE)],
+        );
+        assert!(
+            warnings(&translation)
+                .iter()
+                .any(|w| w.contains("externalTrafficPolicy") && w.contains("--node-name")),
+            "{:?}",
+            translation.notices
+        );
+    }
+
+    #[test]
+    fn source_ranges_restrict_only_load_balancer_frontends() {
+        let status = "loadBalancer: {ingress: [{ip: 198.18.253.1}]}";
+        let annotated = |value: &str| {
+            let mut service = ext_service("  type: LoadBalancer", status);
+            service.metadata.annotations =
+                Some([(ANNOTATION_SOURCE_RANGES.to_owned(), value.to_owned())].into());
+            service
+        };
+        let cidrs =
+            |list: &[&str]| SourceRanges::Only(list.iter().map(|c| c.parse().unwrap()).collect());
+        // (service, expected ranges, expected warning naming a field)
+        let cases: Vec<(Service, SourceRanges, Option<&str>)> = vec![
+            (
+                ext_service("  type: LoadBalancer", status),
+                SourceRanges::Any,
+                None,
+            ),
+            (
+                ext_service(
+                    "  type: LoadBalancer\n  loadBalancerSourceRanges: [198.18.254.100/32, \" 10.1.2.3/8 \"]",
+                    status,
+                ),
+                // Host bits cleared, spaces trimmed.
+                cidrs(&["198.18.254.100/32", "10.0.0.0/8"]),
+                None,
+            ),
+            // The field wins over the annotation.
+            (
+                {
+                    let mut service = annotated("10.0.0.0/8");
+                    service.spec.as_mut().unwrap().load_balancer_source_ranges =
+                        Some(vec!["198.18.254.0/24".into()]);
+                    service
+                },
+                cidrs(&["198.18.254.0/24"]),
+                None,
+            ),
+            (
+                annotated(" 198.18.254.100/32 , 198.18.254.101/32 "),
+                cidrs(&["198.18.254.100/32", "198.18.254.101/32"]),
+                None,
+            ),
+            // IPv6 ranges apply to IPv6 only (as kube-proxy).
+            (
+                ext_service(
+                    "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"2001:db8::/32\", 198.18.254.0/24]",
+                    status,
+                ),
+                cidrs(&["198.18.254.0/24"]),
+                None,
+            ),
+            (
+                ext_service(
+                    "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"2001:db8::/32\"]",
+                    status,
+                ),
+                SourceRanges::Any,
+                None,
+            ),
+            // Fail closed: one bad range admits nobody.
+            (
+                ext_service(
+                    "  type: LoadBalancer\n  loadBalancerSourceRanges: [198.18.254.0/24, 198.18.254.0/33]",
+                    status,
+                ),
+                SourceRanges::Only(BTreeSet::new()),
+                Some("spec.loadBalancerSourceRanges[1]"),
+            ),
+            (
+                annotated("198.18.254.0/24,not-a-range"),
+                SourceRanges::Only(BTreeSet::new()),
+                Some(ANNOTATION_SOURCE_RANGES),
+            ),
+        ];
+        for (i, (service, expected, warning)) in cases.into_iter().enumerate() {
+            let translation = translate_in(&node_scope(), &[service], &[]);
+            let port = translation
+                .state
+                .service(&ext_name(Traffic::Internal))
+                .unwrap();
+            assert_eq!(port.source_ranges, expected, "case {i}");
+            let lb = port.frontends.kind(&tcp(LB_IP, 80));
+            assert_eq!(lb, Some(FrontendKind::LoadBalancer), "case {i}");
+            let flags = port.frontend_flags(FrontendKind::LoadBalancer);
+            assert_eq!(
+                flags & lb_common::service::SERVICE_F_SOURCE_RANGES != 0,
+                expected.is_restricted(),
+                "case {i}"
+            );
+            // NodePorts are never restricted.
+            assert_eq!(
+                port.frontend_flags(FrontendKind::NodePort),
+                lb_common::service::SERVICE_F_EXTERNAL
+            );
+            let warned = warnings(&translation);
+            match warning {
+                None => assert!(warned.is_empty(), "case {i}: {warned:?}"),
+                Some(field) => {
+                    assert_eq!(warned.len(), 1, "case {i}: {warned:?}");
+                    assert!(warned[0].contains(field), "case {i}: {warned:?}");
+                    assert!(warned[0].contains("admit no client"), "case {i}");
+                }
+            }
+        }
+        // A split external id carries the ranges; the ClusterIP's does not.
+        let split = ext_service(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [198.18.254.0/24]",
+            status,
+        );
+        let state = translate_in(&node_scope(), &[split], &[]).state;
+        assert_eq!(
+            state
+                .service(&ext_name(Traffic::Internal))
+                .unwrap()
+                .source_ranges,
+            SourceRanges::Any
+        );
+        assert!(
+            state
+                .service(&ext_name(Traffic::External))
+                .unwrap()
+                .source_ranges
+                .is_restricted()
+        );
+    }
+
+    #[test]
+    fn malformed_external_fields_warn_once_and_keep_the_rest() {
+        let status_ok = "loadBalancer: {ingress: [{ip: 198.18.253.1}]}";
+        // (spec, status, field named, frontends left)
+        let cases = [
+            (
+                "  type: NodePort\n  ports: [{port: 80, nodePort: 70000}]",
+                "",
+                "spec.ports[0].nodePort",
+                vec![tcp(CLUSTER_IP, 80)],
+            ),
+            (
+                "  type: NodePort\n  ports: [{port: 80, nodePort: 0}]",
+                "",
+                "spec.ports[0].nodePort",
+                vec![tcp(CLUSTER_IP, 80)],
+            ),
+            // A manifest NodePort without a nodePort.
+            (
+                "  type: NodePort\n  ports: [{port: 80}]",
+                "",
+                "spec.ports[0].nodePort",
+                vec![tcp(CLUSTER_IP, 80)],
+            ),
+            (
+                "  type: LoadBalancer",
+                "loadBalancer: {ingress: [{ip: 198.18.253.300}, {ip: 198.18.253.1}]}",
+                "status.loadBalancer.ingress[0].ip",
+                vec![
+                    tcp(CLUSTER_IP, 80),
+                    tcp(LB_IP, 80),
+                    tcp(NODE_A, 30080),
+                    tcp(NODE_B, 30080),
+                ],
+            ),
+            (
+                "  externalIPs: [198.18.253.2, bogus]",
+                "",
+                "spec.externalIPs[1]",
+                vec![tcp(CLUSTER_IP, 80), tcp(EXTERNAL_IP, 80)],
+            ),
+            (
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 0",
+                status_ok,
+                "spec.healthCheckNodePort",
+                vec![
+                    tcp(CLUSTER_IP, 80),
+                    tcp(LB_IP, 80),
+                    tcp(NODE_A, 30080),
+                    tcp(NODE_B, 30080),
+                ],
+            ),
+        ];
+        for (spec, status, field, frontends) in cases {
+            // `ports` in `spec` replaces the fixture's.
+            let service = if spec.contains("ports:") {
+                let yaml = format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: ext}}\nspec:\n  clusterIP: 198.18.100.50\n{spec}\nstatus: {{{status}}}\n"
+                );
+                service(&yaml)
+            } else {
+                ext_service(spec, status)
+            };
+            assert_eq!(validate_service(&service), Ok(()), "{spec}");
+            let translation = translate_in(&node_scope(), &[service], &[]);
+            let warned = warnings(&translation);
+            assert_eq!(warned.len(), 1, "{spec}: {warned:?}");
+            assert!(warned[0].contains(field), "{spec}: {warned:?}");
+            assert_eq!(translation.notices[0].object.name, "ext");
+            let mut all: Vec<Frontend> = translation.state.frontends().map(|(f, _)| *f).collect();
+            all.sort();
+            let mut frontends = frontends;
+            frontends.sort();
+            assert_eq!(all, frontends, "{spec}");
+        }
+        // A LoadBalancer that opts out of node ports is not warned about.
+        let translation = translate_in(
+            &node_scope(),
+            &[service(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  clusterIP: 198.18.100.50\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  ports: [{port: 80}]\n",
+            )],
+            &[],
+        );
+        assert!(
+            warnings(&translation).is_empty(),
+            "{:?}",
+            translation.notices
+        );
+    }
+
+    #[test]
+    fn node_ports_follow_the_node_addresses() {
+        let services = [ext_service("  type: NodePort", "")];
+        let node_ports = |addresses: Vec<Ipv4Addr>| {
+            let scope = Scope {
+                node_addresses: addresses,
+                ..node_scope()
+            };
+            translate_in(&scope, &services, &[])
+                .state
+                .frontends()
+                .filter(|(f, _)| f.port == 30080)
+                .map(|(f, _)| f.addr)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(node_ports(vec![]), Vec::<Ipv4Addr>::new());
+        assert_eq!(node_ports(vec![NODE_B]), [NODE_B]);
+        assert_eq!(node_ports(vec![NODE_B, NODE_A, NODE_B]), [NODE_A, NODE_B]);
+        // Two Services on one nodePort: the first keeps it, on every address.
+        let other = service(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: another}\nspec:\n  type: NodePort\n  clusterIP: 198.18.100.51\n  ports: [{port: 80, nodePort: 30080}]\n",
+        );
+        let translation = translate_in(&node_scope(), &[services[0].clone(), other], &[]);
+        assert_eq!(
+            translation.state.owner(&tcp(NODE_A, 30080)).unwrap().name,
+            "another"
+        );
+        assert_eq!(warnings(&translation).len(), 2);
+    }
+
+    #[test]
+    fn health_checks_count_ready_local_endpoints() {
+        let lb_local =
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
+        let slices = [slice(EXT_SLICE)];
+        let checks = |spec: &str, scope: &Scope, slices: &[EndpointSlice]| {
+            let translation = translate_in(scope, &[ext_service(spec, "")], slices);
+            (
+                translation.state.health_checks().clone(),
+                warnings(&translation).len(),
+            )
+        };
+        let check = |count| {
+            BTreeMap::from([(
+                32000,
+                HealthCheck {
+                    namespace: "default".into(),
+                    name: "ext".into(),
+                    local_endpoints: count,
+                },
+            )])
+        };
+        // One ready endpoint here; the terminating one never counts (so
+        // load balancers drain a node that only has terminating ones).
+        assert_eq!(checks(lb_local, &node_scope(), &slices), (check(1), 0));
+        let only_terminating = EXT_SLICE.replace(
+            "- {addresses: [198.18.0.10], nodeName: here}",
+            "- {addresses: [198.18.0.10], nodeName: there}",
+        );
+        assert_eq!(
+            checks(lb_local, &node_scope(), &[slice(&only_terminating)]),
+            (check(0), 0)
+        );
+        assert_eq!(checks(lb_local, &node_scope(), &[]), (check(0), 0));
+        // Not Local, not a LoadBalancer: no health check.
+        for spec in [
+            "  type: LoadBalancer\n  healthCheckNodePort: 32000",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+        ] {
+            assert_eq!(
+                checks(spec, &node_scope(), &slices),
+                (BTreeMap::new(), 0),
+                "{spec}"
+            );
+        }
+        // A manifest without the port: warned, none.
+        let (none, warned) = checks(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local",
+            &node_scope(),
+            &slices,
+        );
+        assert!(none.is_empty());
+        assert_eq!(warned, 1);
+        // Multi-port: the most ready endpoints over the ports.
+        let multi = service(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  clusterIP: 198.18.100.50\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]\n",
+        );
+        let multi_slice = slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-1, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{name: a, port: 8080}]
+endpoints:
+- {addresses: [198.18.0.10], nodeName: here}
+- {addresses: [198.18.0.12], nodeName: here}
+"#,
+        );
+        let other_slice = slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-2, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{name: b, port: 8081}]
+endpoints:
+- {addresses: [198.18.0.13], nodeName: here}
+"#,
+        );
+        let translation = translate_in(&node_scope(), &[multi], &[multi_slice, other_slice]);
+        assert_eq!(translation.state.health_checks()[&32000].local_endpoints, 2);
+        // Two Services on one health check port: the first keeps it.
+        let first = ext_service(lb_local, "");
+        let mut second = first.clone();
+        second.metadata.name = Some("another".into());
+        second.spec.as_mut().unwrap().cluster_ip = Some("198.18.100.51".into());
+        second.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30081);
+        let translation = translate_in(&node_scope(), &[first, second], &[]);
+        assert_eq!(translation.state.health_checks()[&32000].name, "another");
+        assert_eq!(warnings(&translation).len(), 1, "{:?}", translation.notices);
+    }
 }
