@@ -1,6 +1,6 @@
-//! The Kubernetes API source: Services, EndpointSlices and this node's Node,
-//! followed with kube-rs's watchers and reflectors, as kube-proxy follows
-//! them with informers.
+//! The Kubernetes API source: Services, EndpointSlices and this node's Node
+//! (its addresses are the NodePort addresses), followed with kube-rs's
+//! watchers and reflectors, as kube-proxy follows them with informers.
 //!
 //! - Each resource has a reflector: a watcher (list, then watch from the
 //!   list's resourceVersion, bookmarks, resume; relist on `410 Gone`; an
@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::node::NodeAddresses;
 use crate::translate::{self, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Scope, Translation};
 
 /// After a change, how long to wait for more before translating: a burst
@@ -268,7 +269,7 @@ impl KubeSource {
                 (Some(name), true) => warn!(
                     node = name.as_str(),
                     "no Node named {name}: is --node-name (NODE_NAME) right? \
-                     internalTrafficPolicy Local will find no local endpoint"
+                     traffic policies Local will find no local endpoint, and NodePorts no node address"
                 ),
                 (Some(name), false) => info!(node = name.as_str(), "found this node's Node"),
                 (None, _) => {}
@@ -299,6 +300,21 @@ impl KubeSource {
             services.iter().map(Arc::as_ref),
             slices.iter().map(Arc::as_ref),
         )
+    }
+
+    /// This node's addresses as its Node has them now (none without
+    /// `--node-name`, or before the Node exists). A change of the Node
+    /// wakes [`KubeSource::changed`] like any other event.
+    pub fn node_addresses(&self) -> NodeAddresses {
+        let Some(node) = &self.node else {
+            return NodeAddresses::default();
+        };
+        // The watch selects the Node by name: the store holds it or nothing.
+        node.store
+            .state()
+            .first()
+            .map(|node| super::node::of_node(node))
+            .unwrap_or_default()
     }
 
     /// The `last-change-trigger-time` of every slice whose annotation
