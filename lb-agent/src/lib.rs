@@ -1,18 +1,21 @@
 //! The agent: sources (manifests, the Kubernetes API) produce one
 //! desired-state model; one module writes it into the BPF maps as diffs.
 //!
-//! - [`source`] reads Services and EndpointSlices from where they live.
+//! - [`source`] reads Services and EndpointSlices from where they live,
+//!   and this node's addresses ([`source::node`]).
 //! - [`translate`] turns them into a [`model::DesiredState`] with
 //!   kube-proxy's semantics.
 //! - [`datapath::loader`] loads, sizes, attaches and pins the datapath;
 //!   [`datapath::writer`] is the only writer of its maps.
 //! - [`inspect`] reads the pinned maps of a running agent.
 //! - [`veths`] finds the pods' interfaces (`--attach-veths`).
-//! - [`http`] serves `/healthz`, `/readyz` and [`metrics`].
+//! - [`http`] serves `/healthz`, `/readyz` and [`metrics`];
+//!   [`health_check`] the Services' health-check node ports.
 //! - [`agent`] runs it all: initial load, watch, apply, shutdown.
 
 pub mod agent;
 pub mod datapath;
+pub mod health_check;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
