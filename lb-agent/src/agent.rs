@@ -4,10 +4,14 @@
 //!
 //! Two sources feed the same translation and the same writer: a directory
 //! of manifests ([`ManifestSource`]) and the Kubernetes API
-//! ([`KubeSource`]).
+//! ([`KubeSource`]). Either also gives this node's addresses (the NodePort
+//! frontends and the SNAT address, [`crate::source::node`]): the Node's
+//! addresses, or those of the `--external` interfaces. The health-check
+//! node ports of the translated Services are served alongside
+//! ([`HealthCheckServer`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,15 +23,17 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
-use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions};
+use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions, xdp_mode_name};
 use crate::datapath::maps::{AyaMaps, StatsMaps};
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
+use crate::health_check::HealthCheckServer;
 use crate::http::{HealthServer, HttpError, Readiness};
 use crate::metrics::{Metrics, ProgrammedIds};
 use crate::model::DesiredState;
 use crate::model::Selection;
 use crate::source::kube::{self as kube_source, KubeError, KubeOptions, KubeSource};
 use crate::source::manifests::{DirWatcher, ManifestSource, SourceError};
+use crate::source::node::{self, NodeAddresses};
 use crate::translate::{Notice, NoticeLevel, Scope, Translation};
 
 /// Rescan the directory this often even without an event, in case one was
@@ -38,6 +44,9 @@ pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How often `--attach-veths` looks for new and vanished veths.
 pub const VETH_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the manifest source reads the `--external` interfaces'
+/// addresses again (the Kubernetes source follows the Node instead).
+pub const ADDRESS_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
@@ -56,12 +65,16 @@ pub struct RunOptions {
     pub scope: Scope,
     pub attach: Vec<String>,
     /// Also attach to every veth of the network namespace, following pods
-    /// as they come and go.
+    /// as they come and go (but the `external` ones).
     pub attach_veths: bool,
+    /// The node's interfaces to its network, for `lb_xdp_ext` and
+    /// `lb_tc_ext`; with manifests, their addresses are the node's.
+    pub external: Vec<String>,
     pub pin_dir: PathBuf,
     pub keep_pins: bool,
     pub capacities: Capacities,
     /// Written to `LB_CONFIG`; `CONFIG_F_LOG` set with `--datapath-log`.
+    /// Its `snat_addr` is replaced by the node's SNAT address as found.
     pub config: DatapathConfig,
     /// Forward the datapath's aya-log records to the agent's log.
     pub datapath_log: bool,
@@ -89,6 +102,32 @@ pub enum AgentError {
     Signal(&'static str, #[source] std::io::Error),
     #[error("polling the datapath log")]
     DatapathLog(#[source] std::io::Error),
+    #[error("--external {0}: no such interface in this network namespace")]
+    NoExternalInterface(String),
+    #[error("listing the interfaces of this network namespace")]
+    ListInterfaces(#[source] std::io::Error),
+    #[error(
+        "{0} is named by both --attach and --external: a pod-facing interface or the node's network, not both"
+    )]
+    AttachAndExternal(String),
+}
+
+/// Checks the `--external` interfaces before anything is loaded: each must
+/// exist in this network namespace, and none be a pod interface as well.
+fn check_external(options: &RunOptions) -> Result<(), AgentError> {
+    if options.external.is_empty() {
+        return Ok(());
+    }
+    let interfaces = crate::veths::interfaces().map_err(AgentError::ListInterfaces)?;
+    for iface in &options.external {
+        if options.attach.contains(iface) {
+            return Err(AgentError::AttachAndExternal(iface.clone()));
+        }
+        if !interfaces.contains_key(iface) {
+            return Err(AgentError::NoExternalInterface(iface.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// The source, ready to be read.
@@ -98,6 +137,8 @@ enum Source {
         dir: PathBuf,
         watcher: DirWatcher,
         resync: Interval,
+        /// The interfaces whose addresses are the node's.
+        external: Vec<String>,
     },
     Kube(KubeSource),
 }
@@ -144,6 +185,14 @@ impl Source {
         }
     }
 
+    /// This node's addresses now: the Node's, or the external interfaces'.
+    fn node_addresses(&self) -> std::io::Result<NodeAddresses> {
+        match self {
+            Source::Manifests { external, .. } => node::read_interfaces(external),
+            Source::Kube(source) => Ok(source.node_addresses()),
+        }
+    }
+
     fn translate(&self, scope: &Scope) -> Translation {
         match self {
             Source::Manifests { source, .. } => source.translate_in(scope),
@@ -165,6 +214,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         }
     };
 
+    check_external(&options)?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacities(&options.capacities);
     let readiness = Arc::new(Readiness::default());
@@ -180,6 +230,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
                 dir: dir.clone(),
                 watcher,
                 resync: tokio::time::interval_at(Instant::now() + RESYNC_INTERVAL, RESYNC_INTERVAL),
+                external: options.external.clone(),
             }
         }
         SourceOptions::Kube(kube) => {
@@ -190,6 +241,12 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
                 service_proxy_name = options.scope.service_proxy_name.as_deref().unwrap_or("<none>"),
                 "watching the Kubernetes API"
             );
+            if options.scope.node_name.is_none() && !options.external.is_empty() {
+                warn!(
+                    "no --node-name (NODE_NAME): this node's addresses are unknown, so \
+                     NodePorts get no frontend and external flows to other nodes are dropped"
+                );
+            }
             Source::Kube(KubeSource::start(
                 config,
                 &options.scope,
@@ -276,9 +333,51 @@ struct Applier {
     /// maps: an equal translation needs no write at all (an event about an
     /// object that changes nothing the datapath sees, a relist).
     last_written: Option<(DesiredState, ApplyReport)>,
+    /// This node's addresses as last read from the source (`None` before
+    /// the first read).
+    node_addresses: Option<NodeAddresses>,
+    /// Whether a missing SNAT address matters (there are external
+    /// interfaces) and so deserves a warning.
+    warn_without_snat: bool,
+    /// The health-check node ports of the translated Services.
+    health_checks: HealthCheckServer,
 }
 
 impl Applier {
+    /// Reads this node's addresses from the source again; whether they
+    /// changed (the caller then writes the SNAT address and translates).
+    fn refresh_node_addresses(&mut self) -> bool {
+        let addresses = match self.source.node_addresses() {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                warn!(
+                    "reading this node's addresses: {error}; keeping {:?}",
+                    self.scope.node_addresses
+                );
+                return false;
+            }
+        };
+        if self.node_addresses.as_ref() == Some(&addresses) {
+            return false;
+        }
+        info!(
+            addresses = ?addresses.addresses,
+            snat = %addresses.snat_or_unspecified(),
+            "node addresses: {:?}, SNAT address {}",
+            addresses.addresses,
+            addresses.snat_or_unspecified()
+        );
+        if addresses.snat.is_none() && self.warn_without_snat {
+            warn!(
+                "no SNAT address for this node (no InternalIP on its Node, or no IPv4 address on \
+                 the first --external interface): external flows to backends on other nodes are dropped"
+            );
+        }
+        self.scope.node_addresses = addresses.addresses.clone();
+        self.node_addresses = Some(addresses);
+        true
+    }
+
     /// Reads the source again; applies if anything changed (or `force`).
     fn rescan(&mut self, force: bool) -> Option<ApplyReport> {
         let changed = self.source.refresh();
@@ -290,6 +389,8 @@ impl Applier {
         let translation = self.source.translate(&self.scope);
         let translated = started.elapsed();
         log_new_notices(&mut self.notices, translation.notices);
+        // Whether or not the maps need a write: a count may change alone.
+        self.health_checks.update(translation.state.health_checks());
         let report = match &self.last_written {
             Some((state, report)) if *state == translation.state => ApplyReport {
                 writes: 0,
@@ -364,12 +465,35 @@ enum Wakeup {
     Changed,
     Retry,
     ScanVeths,
+    ScanAddresses,
+}
+
+/// Reads this node's addresses again and keeps `LB_CONFIG.snat_addr` equal
+/// to its SNAT address (rewritten only when it differs, so a failed write
+/// is tried again next time). Whether the addresses changed.
+fn sync_node_addresses(applier: &mut Applier, datapath: &mut Datapath) -> bool {
+    let changed = applier.refresh_node_addresses();
+    let snat = applier
+        .node_addresses
+        .as_ref()
+        .map_or(Ipv4Addr::UNSPECIFIED, NodeAddresses::snat_or_unspecified);
+    match datapath.set_snat_addr(snat) {
+        Ok(true) => info!(snat = %snat, "SNAT address {snat} written to LB_CONFIG"),
+        Ok(false) => {}
+        Err(error) => error!(
+            "{}; the datapath keeps SNAT address {}",
+            error_chain(&error),
+            Ipv4Addr::from(u32::from_be(datapath.config().snat_addr))
+        ),
+    }
+    changed
 }
 
 /// Attaches to the veths that appeared since the last call and detaches
 /// from those that went (a pod deleted; or replaced: same name, new
 /// ifindex). `attached` holds the veths attached this way, with their
-/// ifindex; `explicit` are the `--attach` interfaces, left alone.
+/// ifindex; `explicit` are the `--attach` and `--external` interfaces, left
+/// alone (a node's own link to its network can be a veth too).
 fn follow_veths(
     datapath: &mut Datapath,
     attached: &mut BTreeMap<String, u32>,
@@ -472,6 +596,11 @@ async fn run_loop(
         }
     }
 
+    if !options.external.is_empty() {
+        // Before the first write: a missing or rejected program stops the
+        // start before anything is programmed or attached.
+        datapath.load_external()?;
+    }
     let maps = datapath.take_maps()?;
     shared
         .metrics
@@ -490,18 +619,31 @@ async fn run_loop(
         notices: BTreeSet::new(),
         retry: None,
         last_written: None,
+        node_addresses: None,
+        warn_without_snat: !options.external.is_empty(),
+        health_checks: HealthCheckServer::default(),
     };
     // Program the maps before attaching, so the first packet already sees
     // every service.
     let started = std::time::Instant::now();
+    sync_node_addresses(&mut applier, datapath);
     let report = applier.rescan(true).unwrap_or_default();
     let programmed_in = started.elapsed();
     for iface in &options.attach {
         datapath.attach(iface)?;
     }
+    for iface in &options.external {
+        datapath.attach_external(iface)?;
+    }
+    let not_pods: Vec<String> = options
+        .attach
+        .iter()
+        .chain(&options.external)
+        .cloned()
+        .collect();
     let mut veths = BTreeMap::new();
     if options.attach_veths {
-        follow_veths(datapath, &mut veths, &options.attach);
+        follow_veths(datapath, &mut veths, &not_pods);
     }
     shared.readiness.set_ready();
     info!(
@@ -510,22 +652,41 @@ async fn run_loop(
         backends = report.backends,
         writes = report.writes,
         programmed_in_ms = programmed_in.as_secs_f64() * 1000.0,
-        "programmed {} services ({} frontends), {} backends in {programmed_in:.1?}; attached to {}",
+        "programmed {} services ({} frontends), {} backends in {programmed_in:.1?}; attached to {}{}",
         report.service_ports,
         report.frontends,
         report.backends,
         {
             let ifaces: Vec<&str> = datapath.attached().collect();
             if ifaces.is_empty() {
-                "no interface yet".to_owned()
+                "no pod interface yet".to_owned()
             } else {
                 ifaces.join(", ")
+            }
+        },
+        {
+            let external: Vec<String> = datapath
+                .external()
+                .map(|(iface, mode)| format!("{iface} ({} XDP)", xdp_mode_name(mode)))
+                .collect();
+            if external.is_empty() {
+                String::new()
+            } else {
+                format!("; external: {}", external.join(", "))
             }
         }
     );
 
     let mut veth_scan =
         tokio::time::interval_at(Instant::now() + VETH_SCAN_INTERVAL, VETH_SCAN_INTERVAL);
+    // The Kubernetes source follows the Node; manifests have only the
+    // interfaces to read, now and then.
+    let scan_addresses =
+        matches!(applier.source, Source::Manifests { .. }) && !options.external.is_empty();
+    let mut address_scan = tokio::time::interval_at(
+        Instant::now() + ADDRESS_SCAN_INTERVAL,
+        ADDRESS_SCAN_INTERVAL,
+    );
 
     let reason = loop {
         let retry_at = applier.retry.map(|(at, _)| at);
@@ -539,14 +700,22 @@ async fn run_loop(
                 }
             } => Wakeup::Retry,
             _ = veth_scan.tick(), if options.attach_veths => Wakeup::ScanVeths,
+            _ = address_scan.tick(), if scan_addresses => Wakeup::ScanAddresses,
         };
         let report = match wakeup {
             Wakeup::Stop(reason) => break reason,
-            Wakeup::Changed => applier.rescan(false),
+            Wakeup::Changed => {
+                // A Node change wakes the Kubernetes source like any other.
+                let addresses_changed = sync_node_addresses(&mut applier, datapath);
+                applier.rescan(addresses_changed)
+            }
             Wakeup::Retry => Some(applier.apply()),
             Wakeup::ScanVeths => {
-                follow_veths(datapath, &mut veths, &options.attach);
+                follow_veths(datapath, &mut veths, &not_pods);
                 None
+            }
+            Wakeup::ScanAddresses => {
+                sync_node_addresses(&mut applier, datapath).then(|| applier.apply())
             }
         };
         if let Some(report) = report

@@ -1,7 +1,8 @@
 //! `lb-agent`: the command line. Everything it runs lives in the library.
 
+use std::fmt;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,8 +18,9 @@ use lb_common::config::{CONFIG_F_LOG, DatapathConfig, defaults};
 use lb_common::names::DEFAULT_PIN_DIR;
 use tracing_subscriber::EnvFilter;
 
-/// Kubernetes ClusterIP load balancing in eBPF: keeps the datapath's maps
-/// equal to what Services and EndpointSlices say.
+/// Kubernetes Service load balancing in eBPF (ClusterIP, NodePort,
+/// LoadBalancer, external IPs): keeps the datapath's maps equal to what
+/// Services and EndpointSlices say.
 #[derive(Parser, Debug)]
 #[command(name = "lb-agent", version, propagate_version = true)]
 struct Cli {
@@ -44,7 +46,7 @@ enum Command {
     /// (or a manifest directory), following every change until
     /// SIGINT/SIGTERM; then detach and remove the pinned maps (unless
     /// --keep-pins).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the state of a running agent, read from its pinned maps.
     Inspect(InspectArgs),
 }
@@ -64,8 +66,9 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
 
-    /// This node's name: its Node is watched, and internalTrafficPolicy
-    /// Local keeps the endpoints whose nodeName it is.
+    /// This node's name: its Node is watched (its InternalIP and ExternalIP
+    /// addresses are where NodePorts are reached), and the traffic policies
+    /// Local keep the endpoints whose nodeName it is.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node_name: Option<String>,
 
@@ -85,16 +88,49 @@ struct RunArgs {
     #[arg(
         long = "attach",
         value_name = "IFACE",
-        required_unless_present = "attach_veths"
+        required_unless_present_any = ["attach_veths", "external"]
     )]
     attach: Vec<String>,
 
     /// Attach to every veth of the node's network namespace (the node's
     /// end of each pod's veth pair, whatever the CNI plugin names it), and
     /// follow pods as they come and go: new veths are attached within a
-    /// second. What a DaemonSet uses.
+    /// second. What a DaemonSet uses. The --external interfaces are left
+    /// out (a node's own uplink can be a veth too).
     #[arg(long)]
     attach_veths: bool,
+
+    /// The node's interface to its network, where NodePort, load-balancer
+    /// and external-IP traffic arrives. Gets the XDP program (native mode;
+    /// generic mode, with a warning, where the driver has none) and a TC
+    /// program at tcx ingress for what XDP hands on. With --manifests, its
+    /// IPv4 addresses are the node's NodePort addresses, and the first one
+    /// the source address of external flows sent on to other nodes. Must
+    /// exist in the agent's network namespace. Repeat for every uplink.
+    #[arg(long = "external", value_name = "IFACE")]
+    external: Vec<String>,
+
+    /// Source address the datapath gives a pod's connection to its own
+    /// Service when it lands on the pod itself (hairpin): routed from pods
+    /// to the node, and no pod's address.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value_t = Ipv4Addr::from(defaults::HAIRPIN_ADDR),
+        value_parser = parse_hairpin_address
+    )]
+    hairpin_address: Ipv4Addr,
+
+    /// Source ports of translated flows (external flows to other nodes,
+    /// hairpin), inclusive; keep it outside the node's ephemeral ports
+    /// (net.ipv4.ip_local_port_range, 32768-60999 by default).
+    #[arg(
+        long,
+        value_name = "MIN-MAX",
+        default_value_t = NatPortRange::DEFAULT,
+        value_parser = parse_nat_port_range
+    )]
+    nat_port_range: NatPortRange,
 
     /// bpffs directory where this instance pins its maps, one per instance.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -157,6 +193,17 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = defaults::MAX_AFFINITIES, value_parser = clap::value_parser!(u32).range(1..))]
     max_affinities: u32,
 
+    /// Capacity of LB_SNAT: source-translated flows (external flows to
+    /// backends on other nodes, hairpin flows); the least recently used
+    /// are evicted when full.
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_SNAT_FLOWS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_snat_flows: u32,
+
+    /// Capacity of LB_SRC_RANGES: client ranges of
+    /// loadBalancerSourceRanges, summed over all Services.
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_SOURCE_RANGES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_source_ranges: u32,
+
     /// Log from the datapath (aya-log, target lb_ebpf). Off by default: one
     /// line costs about 100 ns per packet.
     #[arg(long)]
@@ -167,6 +214,55 @@ struct RunArgs {
 enum SelectionArg {
     Random,
     Maglev,
+}
+
+/// `--nat-port-range`: inclusive, host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NatPortRange {
+    min: u16,
+    max: u16,
+}
+
+impl NatPortRange {
+    const DEFAULT: Self = Self {
+        min: defaults::NAT_PORT_MIN,
+        max: defaults::NAT_PORT_MAX,
+    };
+}
+
+impl fmt::Display for NatPortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+fn parse_nat_port_range(text: &str) -> Result<NatPortRange, String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not MIN-MAX"))?;
+    let port = |text: &str| -> Result<u16, String> {
+        match text.trim().parse::<u16>() {
+            Ok(0) => Err("port 0 is not a port".to_owned()),
+            Ok(port) => Ok(port),
+            Err(error) => Err(format!("{text:?}: {error}")),
+        }
+    };
+    let range = NatPortRange {
+        min: port(min)?,
+        max: port(max)?,
+    };
+    if range.min > range.max {
+        return Err(format!("{range}: the first port is above the last"));
+    }
+    Ok(range)
+}
+
+fn parse_hairpin_address(text: &str) -> Result<Ipv4Addr, String> {
+    let addr: Ipv4Addr = text.parse().map_err(|error| format!("{error}"))?;
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        return Err(format!("{addr} cannot be a source address"));
+    }
+    Ok(addr)
 }
 
 fn parse_maglev_table_size(text: &str) -> Result<u32, String> {
@@ -239,6 +335,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tcp_closing_timeout: args.tcp_closing_timeout,
         udp_timeout: args.udp_timeout,
         maglev_table_size: args.maglev_table_size,
+        // Network byte order: the octets in memory as on the wire.
+        hairpin_addr: u32::from_ne_bytes(args.hairpin_address.octets()),
+        nat_port_min: args.nat_port_range.min,
+        nat_port_max: args.nat_port_range.max,
+        // Found at run time: the Node's, or the external interfaces'.
+        snat_addr: 0,
         ..DatapathConfig::DEFAULT
     };
     if args.datapath_log {
@@ -250,6 +352,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         health_addr: args.health_addr,
         attach: args.attach,
         attach_veths: args.attach_veths,
+        external: args.external,
         pin_dir: args.pin_dir,
         keep_pins: args.keep_pins,
         capacities: Capacities {
@@ -259,6 +362,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             flows: args.max_flows,
             affinities: args.max_affinities,
             maglev_tables: args.max_maglev_services,
+            snat_flows: args.max_snat_flows,
+            source_ranges: args.max_source_ranges,
         },
         config,
         datapath_log: args.datapath_log,
@@ -329,7 +434,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let datapath_log = matches!(&cli.command, Command::Run(args) if args.datapath_log);
     let result = init_logging(cli.log_format, datapath_log).and_then(|()| match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Inspect(args) => inspect(args),
     });
     match result {
@@ -338,6 +443,102 @@ fn main() -> ExitCode {
             // One line: the error and its causes, outermost first.
             eprintln!("lb-agent: error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["lb-agent", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            Command::Inspect(_) => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn external_defaults() {
+        let args = run_args(&["--manifests", "/m", "--attach", "pod0"]).unwrap();
+        assert!(args.external.is_empty());
+        assert_eq!(args.hairpin_address, Ipv4Addr::new(169, 254, 42, 1));
+        assert_eq!(
+            args.nat_port_range,
+            NatPortRange {
+                min: 61_000,
+                max: 65_535
+            }
+        );
+        assert_eq!(args.max_snat_flows, defaults::MAX_SNAT_FLOWS);
+        assert_eq!(args.max_source_ranges, defaults::MAX_SOURCE_RANGES);
+    }
+
+    #[test]
+    fn external_interfaces_repeat_and_stand_in_for_attach() {
+        let args = run_args(&[
+            "--manifests",
+            "/m",
+            "--external",
+            "eth0",
+            "--external",
+            "eth1",
+            "--hairpin-address",
+            "169.254.7.7",
+            "--nat-port-range",
+            "40000-40999",
+            "--max-snat-flows",
+            "1024",
+            "--max-source-ranges",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!(args.external, ["eth0", "eth1"]);
+        assert!(args.attach.is_empty());
+        assert_eq!(args.hairpin_address, Ipv4Addr::new(169, 254, 7, 7));
+        assert_eq!(
+            args.nat_port_range,
+            NatPortRange {
+                min: 40_000,
+                max: 40_999
+            }
+        );
+        assert_eq!((args.max_snat_flows, args.max_source_ranges), (1024, 64));
+        // Some interface is still needed.
+        assert!(run_args(&["--manifests", "/m"]).is_err());
+    }
+
+    #[test]
+    fn nat_port_ranges_are_validated() {
+        assert_eq!(
+            parse_nat_port_range("1-1"),
+            Ok(NatPortRange { min: 1, max: 1 })
+        );
+        assert_eq!(NatPortRange::DEFAULT.to_string(), "61000-65535");
+        for bad in ["61000", "65535-61000", "0-100", "61000-65536", "a-b", "-"] {
+            assert!(parse_nat_port_range(bad).is_err(), "{bad}");
+            assert!(
+                run_args(&["--attach", "p", "--nat-port-range", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn hairpin_addresses_are_validated() {
+        for bad in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "fe80::1", "x"] {
+            assert!(parse_hairpin_address(bad).is_err(), "{bad}");
+        }
+        for bad in ["0", "0"] {
+            assert!(run_args(&["--attach", "p", "--max-snat-flows", bad]).is_err());
+            assert!(run_args(&["--attach", "p", "--max-source-ranges", bad]).is_err());
         }
     }
 }

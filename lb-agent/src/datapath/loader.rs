@@ -1,10 +1,13 @@
 //! Loading the datapath: map capacities, pins under bpffs (reused when a
 //! previous instance kept them), runtime configuration, the `lb_tc_pod`
-//! program attached with tcx, and the orderly reverse on shutdown.
+//! program attached with tcx to pod-facing interfaces, `lb_xdp_ext` (XDP)
+//! and `lb_tc_ext` (tcx) on the external interfaces, and the orderly
+//! reverse on shutdown.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -12,12 +15,16 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapError};
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
+};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use lb_common::config::{DatapathConfig, defaults};
 use lb_common::names::{
     ALL_MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS,
-    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, PROG_TC_POD,
+    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, PROG_TC_EXTERNAL,
+    PROG_TC_POD, PROG_XDP_EXTERNAL,
 };
 use tracing::{debug, info, warn};
 
@@ -50,6 +57,11 @@ pub struct Capacities {
     /// Services that can use Maglev at once (`LB_MAGLEV` holds this many
     /// tables of the configured size, 4 bytes an entry).
     pub maglev_tables: u32,
+    /// Source-translated flows (`LB_SNAT` entries, LRU).
+    pub snat_flows: u32,
+    /// Client ranges of `loadBalancerSourceRanges` over all services
+    /// (`LB_SRC_RANGES` entries).
+    pub source_ranges: u32,
 }
 
 impl Default for Capacities {
@@ -61,6 +73,8 @@ impl Default for Capacities {
             flows: defaults::MAX_FLOWS,
             affinities: defaults::MAX_AFFINITIES,
             maglev_tables: defaults::MAX_MAGLEV_TABLES,
+            snat_flows: defaults::MAX_SNAT_FLOWS,
+            source_ranges: defaults::MAX_SOURCE_RANGES,
         }
     }
 }
@@ -71,7 +85,8 @@ pub struct LoadOptions {
     /// Where the maps are pinned as `<pin_dir>/<MAP_NAME>`.
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
-    /// Written into `LB_CONFIG` (flags, timeouts).
+    /// Written into `LB_CONFIG` (flags, timeouts, SNAT and hairpin
+    /// addresses, NAT ports); [`Datapath::set_snat_addr`] changes it later.
     pub config: DatapathConfig,
 }
 
@@ -121,25 +136,45 @@ pub enum LoadError {
     },
     #[error("loading the datapath object")]
     Object(#[source] EbpfError),
-    #[error("the datapath object has no program {PROG_TC_POD}")]
-    MissingProgram,
-    #[error("{PROG_TC_POD} is not a TC classifier")]
-    ProgramType(#[source] ProgramError),
-    #[error("loading {PROG_TC_POD} into the kernel")]
-    LoadProgram(#[source] ProgramError),
-    #[error("interface name {0:?} contains a NUL byte")]
-    InterfaceName(String),
-    #[error("attaching {PROG_TC_POD} at tcx ingress of {iface}")]
-    Attach {
-        iface: String,
+    #[error("the datapath object has no program {0} (an lb-ebpf build without it?)")]
+    MissingProgram(&'static str),
+    #[error("{program} is not {expected}")]
+    ProgramType {
+        program: &'static str,
+        expected: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("detaching {PROG_TC_POD} from {iface}")]
-    Detach {
+    #[error("loading {0} into the kernel")]
+    LoadProgram(&'static str, #[source] ProgramError),
+    #[error("interface name {0:?} contains a NUL byte")]
+    InterfaceName(String),
+    #[error("attaching {program} at tcx ingress of {iface}")]
+    Attach {
+        program: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
+    },
+    #[error(
+        "attaching {PROG_XDP_EXTERNAL} to {iface}: native (driver) mode failed ({native}), \
+         and generic (SKB) mode too"
+    )]
+    AttachXdp {
+        iface: String,
+        /// Why native mode failed, with its causes.
+        native: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("{iface} is already an external interface")]
+    AlreadyExternal { iface: String },
+    #[error("detaching {program} from {iface}")]
+    Detach {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: Box<ProgramError>,
     },
     #[error("the datapath object has no map {MAP_CONFIG}")]
     MissingConfig,
@@ -165,8 +200,45 @@ pub struct Datapath {
     /// lives (the kernel drops it when the process exits, even by crash).
     _pin_dir_lock: File,
     reused_pins: Vec<&'static str>,
+    /// `lb_tc_pod` on pod-facing interfaces.
     links: Vec<(String, SchedClassifierLinkId)>,
+    /// `lb_xdp_ext` and `lb_tc_ext` on external interfaces.
+    external: Vec<ExternalLinks>,
+    /// Whether `lb_xdp_ext` and `lb_tc_ext` are loaded (on the first
+    /// external interface: an object without them still serves pods).
+    external_loaded: bool,
+    /// What `LB_CONFIG` holds.
+    config: DatapathConfig,
     maglev_table_size: u32,
+}
+
+/// The two attachments of one external interface.
+#[derive(Debug)]
+struct ExternalLinks {
+    iface: String,
+    xdp: XdpLinkId,
+    xdp_mode: XdpMode,
+    tc: SchedClassifierLinkId,
+}
+
+/// Whether native XDP failing with `error` is worth a try in generic (SKB)
+/// mode: yes when the kernel refused the attachment (a driver without
+/// native XDP says `EOPNOTSUPP`; generic XDP works on any interface), no
+/// when the interface or the program is the problem, which generic mode
+/// shares.
+pub fn xdp_generic_fallback(error: &ProgramError) -> bool {
+    !matches!(
+        error,
+        ProgramError::UnknownInterface { .. }
+            | ProgramError::IOError(_)
+            | ProgramError::NotLoaded
+            | ProgramError::AlreadyAttached
+    )
+}
+
+/// Network byte order, as `LB_CONFIG` holds addresses.
+fn addr_be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
 }
 
 impl std::fmt::Debug for Datapath {
@@ -175,6 +247,7 @@ impl std::fmt::Debug for Datapath {
             .field("pin_dir", &self.pin_dir)
             .field("reused_pins", &self.reused_pins)
             .field("links", &self.links)
+            .field("external", &self.external)
             .finish_non_exhaustive()
     }
 }
@@ -260,12 +333,9 @@ impl Datapath {
 
         let result = Self::load_object(options).and_then(|mut ebpf| {
             Self::write_config(&mut ebpf, options.config)?;
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(PROG_TC_POD)
-                .ok_or(LoadError::MissingProgram)?
-                .try_into()
-                .map_err(LoadError::ProgramType)?;
-            program.load().map_err(LoadError::LoadProgram)?;
+            classifier(&mut ebpf, PROG_TC_POD)?
+                .load()
+                .map_err(|error| LoadError::LoadProgram(PROG_TC_POD, error))?;
             Ok(ebpf)
         });
         match result {
@@ -285,6 +355,9 @@ impl Datapath {
                     _pin_dir_lock: pin_dir_lock,
                     reused_pins,
                     links: Vec::new(),
+                    external: Vec::new(),
+                    external_loaded: false,
+                    config: options.config,
                     maglev_table_size: maglev_table_size(&options.config),
                 })
             }
@@ -320,6 +393,8 @@ impl Datapath {
             // One member per slot.
             .map_max_entries(MAP_MEMBERS, capacities.slots)
             .map_max_entries(MAP_AFFINITY, capacities.affinities)
+            .map_max_entries(MAP_SNAT, capacities.snat_flows)
+            .map_max_entries(MAP_SOURCE_RANGES, capacities.source_ranges)
             .map_max_entries(
                 MAP_MAGLEV,
                 capacities
@@ -364,6 +439,28 @@ impl Datapath {
         Ok(())
     }
 
+    /// What `LB_CONFIG` holds.
+    pub fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
+    /// Sets the address external flows to backends on other nodes are
+    /// source-translated to (`0.0.0.0`: none, such flows are dropped),
+    /// rewriting `LB_CONFIG` if it changed. Whether it changed.
+    pub fn set_snat_addr(&mut self, addr: Ipv4Addr) -> Result<bool, LoadError> {
+        let snat_addr = addr_be(addr);
+        if snat_addr == self.config.snat_addr {
+            return Ok(false);
+        }
+        let config = DatapathConfig {
+            snat_addr,
+            ..self.config
+        };
+        Self::write_config(&mut self.ebpf, config)?;
+        self.config = config;
+        Ok(true)
+    }
+
     /// The pin directory.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
@@ -394,30 +491,126 @@ impl Datapath {
     /// (a CNI's redirect, say) routes it.
     pub fn attach(&mut self, iface: &str) -> Result<(), LoadError> {
         let name = CString::new(iface).map_err(|_| LoadError::InterfaceName(iface.to_owned()))?;
-        let program = self.program()?;
-        let link = program
-            .attach(
-                name.as_c_str(),
-                TcAttach::Tcx {
-                    attach_type: TcAttachType::Ingress,
-                    order: LinkOrder::first(),
-                },
-            )
-            .map_err(|source| LoadError::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
+        let link = attach_tcx(&mut self.ebpf, PROG_TC_POD, &name, iface)?;
         self.links.push((iface.to_owned(), link));
         info!(iface, "attached {PROG_TC_POD} at tcx ingress");
         Ok(())
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
-        self.ebpf
-            .program_mut(PROG_TC_POD)
-            .ok_or(LoadError::MissingProgram)?
-            .try_into()
-            .map_err(LoadError::ProgramType)
+    /// Loads `lb_xdp_ext` and `lb_tc_ext` into the kernel, once. Called by
+    /// [`Datapath::attach_external`]; calling it earlier makes a missing or
+    /// rejected program fail the start before anything is attached.
+    pub fn load_external(&mut self) -> Result<(), LoadError> {
+        if self.external_loaded {
+            return Ok(());
+        }
+        xdp_program(&mut self.ebpf)?
+            .load()
+            .map_err(|error| LoadError::LoadProgram(PROG_XDP_EXTERNAL, error))?;
+        classifier(&mut self.ebpf, PROG_TC_EXTERNAL)?
+            .load()
+            .map_err(|error| LoadError::LoadProgram(PROG_TC_EXTERNAL, error))?;
+        self.external_loaded = true;
+        info!("loaded {PROG_XDP_EXTERNAL} and {PROG_TC_EXTERNAL}");
+        Ok(())
+    }
+
+    /// Attaches the external path to `iface` (an interface of the node's
+    /// network, `--external`): `lb_xdp_ext` in native (driver) XDP mode,
+    /// or in generic (SKB) mode with a warning where the driver has no
+    /// native XDP; and `lb_tc_ext` at tcx ingress, first, for what XDP
+    /// hands on. Returns the XDP mode used.
+    pub fn attach_external(&mut self, iface: &str) -> Result<XdpMode, LoadError> {
+        if self.external.iter().any(|links| links.iface == iface) {
+            return Err(LoadError::AlreadyExternal {
+                iface: iface.to_owned(),
+            });
+        }
+        let name = CString::new(iface).map_err(|_| LoadError::InterfaceName(iface.to_owned()))?;
+        self.load_external()?;
+        let xdp = xdp_program(&mut self.ebpf)?;
+        let (xdp_link, xdp_mode) = match xdp.attach(name.as_c_str(), XdpMode::Driver) {
+            Ok(link) => (link, XdpMode::Driver),
+            Err(native) if xdp_generic_fallback(&native) => {
+                let native = crate::agent::error_chain(&native);
+                let link = xdp
+                    .attach(name.as_c_str(), XdpMode::Skb)
+                    .map_err(|source| LoadError::AttachXdp {
+                        iface: iface.to_owned(),
+                        native: native.clone(),
+                        source: Box::new(source),
+                    })?;
+                warn!(
+                    iface,
+                    error = native.as_str(),
+                    "{iface} refused native XDP ({native}): {PROG_XDP_EXTERNAL} runs in generic (SKB) mode, slower"
+                );
+                (link, XdpMode::Skb)
+            }
+            Err(source) => {
+                return Err(LoadError::AttachXdp {
+                    iface: iface.to_owned(),
+                    native: crate::agent::error_chain(&source),
+                    source: Box::new(source),
+                });
+            }
+        };
+        let tc_link = match attach_tcx(&mut self.ebpf, PROG_TC_EXTERNAL, &name, iface) {
+            Ok(link) => link,
+            Err(error) => {
+                // Half an external path is worse than none: XDP would hand
+                // packets to a TC program that is not there.
+                let detached = xdp_program(&mut self.ebpf).and_then(|xdp| {
+                    xdp.detach(xdp_link)
+                        .map_err(|source| detach_error(PROG_XDP_EXTERNAL, iface, source))
+                });
+                if let Err(detach) = detached {
+                    warn!(iface, "{}", crate::agent::error_chain(&detach));
+                }
+                return Err(error);
+            }
+        };
+        self.external.push(ExternalLinks {
+            iface: iface.to_owned(),
+            xdp: xdp_link,
+            xdp_mode,
+            tc: tc_link,
+        });
+        info!(
+            iface,
+            xdp_mode = xdp_mode_name(xdp_mode),
+            "attached {PROG_XDP_EXTERNAL} ({} XDP) and {PROG_TC_EXTERNAL} (tcx ingress)",
+            xdp_mode_name(xdp_mode)
+        );
+        Ok(xdp_mode)
+    }
+
+    /// The external interfaces and the XDP mode of each.
+    pub fn external(&self) -> impl Iterator<Item = (&str, XdpMode)> {
+        self.external
+            .iter()
+            .map(|links| (links.iface.as_str(), links.xdp_mode))
+    }
+
+    /// Detaches both programs from one external interface.
+    fn detach_external(ebpf: &mut Ebpf, links: ExternalLinks) -> Result<(), LoadError> {
+        let ExternalLinks { iface, xdp, tc, .. } = links;
+        let xdp_result = xdp_program(ebpf).and_then(|program| {
+            program
+                .detach(xdp)
+                .map_err(|error| detach_error(PROG_XDP_EXTERNAL, &iface, error))
+        });
+        let tc_result = classifier(ebpf, PROG_TC_EXTERNAL).and_then(|program| {
+            program
+                .detach(tc)
+                .map_err(|error| detach_error(PROG_TC_EXTERNAL, &iface, error))
+        });
+        xdp_result.and(tc_result)?;
+        info!(
+            iface = iface.as_str(),
+            "detached {PROG_XDP_EXTERNAL} and {PROG_TC_EXTERNAL}"
+        );
+        Ok(())
     }
 
     /// Detaches from `iface`, if attached. Also for an interface that is
@@ -428,12 +621,9 @@ impl Datapath {
             return Ok(());
         };
         let (iface, link) = self.links.swap_remove(position);
-        self.program()?
+        classifier(&mut self.ebpf, PROG_TC_POD)?
             .detach(link)
-            .map_err(|source| LoadError::Detach {
-                iface: iface.clone(),
-                source,
-            })?;
+            .map_err(|source| detach_error(PROG_TC_POD, &iface, source))?;
         info!(iface, "detached {PROG_TC_POD}");
         Ok(())
     }
@@ -443,18 +633,17 @@ impl Datapath {
         self.links.iter().map(|(iface, _)| iface.as_str())
     }
 
-    /// Detaches from every interface, then removes the pins and the pin
+    /// Detaches from every interface (pod-facing and external), then removes the pins and the pin
     /// directory unless `keep_pins` (the next start then reuses the maps and
     /// their flows). Every step is tried; the first error is returned.
     pub fn shutdown(mut self, keep_pins: bool) -> Result<(), LoadError> {
         let mut first_error = None;
         let links = std::mem::take(&mut self.links);
         for (iface, link) in links {
-            let detached = self.program().and_then(|program| {
-                program.detach(link).map_err(|source| LoadError::Detach {
-                    iface: iface.clone(),
-                    source,
-                })
+            let detached = classifier(&mut self.ebpf, PROG_TC_POD).and_then(|program| {
+                program
+                    .detach(link)
+                    .map_err(|source| detach_error(PROG_TC_POD, &iface, source))
             });
             match detached {
                 Ok(()) => info!(iface, "detached {PROG_TC_POD}"),
@@ -462,6 +651,12 @@ impl Datapath {
                     warn!(iface, error = %error, "detach failed");
                     first_error.get_or_insert(error);
                 }
+            }
+        }
+        for links in std::mem::take(&mut self.external) {
+            if let Err(error) = Self::detach_external(&mut self.ebpf, links) {
+                warn!(error = %error, "detach failed");
+                first_error.get_or_insert(error);
             }
         }
         if keep_pins {
@@ -475,6 +670,75 @@ impl Datapath {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+}
+
+/// The TC classifier `name` of the object.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::ProgramType {
+            program: name,
+            expected: "a TC classifier",
+            source,
+        })
+}
+
+/// `lb_xdp_ext`.
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    ebpf.program_mut(PROG_XDP_EXTERNAL)
+        .ok_or(LoadError::MissingProgram(PROG_XDP_EXTERNAL))?
+        .try_into()
+        .map_err(|source| LoadError::ProgramType {
+            program: PROG_XDP_EXTERNAL,
+            expected: "an XDP program",
+            source,
+        })
+}
+
+/// Attaches the classifier `program` at tcx ingress of `iface`, before any
+/// program already there, so a service packet is translated before
+/// anything (a CNI's redirect, say) routes it.
+fn attach_tcx(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    name: &std::ffi::CStr,
+    iface: &str,
+) -> Result<SchedClassifierLinkId, LoadError> {
+    classifier(ebpf, program)?
+        .attach(
+            name,
+            TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: LinkOrder::first(),
+            },
+        )
+        .map_err(|source| LoadError::Attach {
+            program,
+            iface: iface.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+fn detach_error(program: &'static str, iface: &str, source: ProgramError) -> LoadError {
+    LoadError::Detach {
+        program,
+        iface: iface.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// How logs name an XDP mode.
+pub fn xdp_mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Default => "default",
+        XdpMode::Skb => "generic (SKB)",
+        XdpMode::Driver => "native (driver)",
+        XdpMode::Hardware => "offloaded (hardware)",
     }
 }
 
