@@ -1,7 +1,7 @@
 //! The agent under test: `lb-agent run` inside a node's network namespace,
 //! and waits on what it programmed, read back from its pinned maps.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::net::SocketAddrV4;
 use std::os::unix::process::CommandExt;
@@ -53,6 +53,76 @@ pub struct Agent {
     pin_dir: PinDir,
 }
 
+/// The command line of one `lb-agent run` beyond its pin directory: the
+/// source of Services, the interfaces, the node name and any other flag.
+#[derive(Clone, Debug, Default)]
+pub struct AgentConfig {
+    source_args: Vec<OsString>,
+    node_name: Option<String>,
+    attach: Vec<String>,
+    external: Vec<String>,
+    extra_args: Vec<OsString>,
+}
+
+impl AgentConfig {
+    /// Reads Services and EndpointSlices from the directory `manifests`.
+    pub fn manifests(manifests: &Path) -> Self {
+        Self::source(&[OsStr::new("--manifests"), manifests.as_os_str()])
+    }
+
+    /// `source_args` (say `--kubeconfig K`) in place of `--manifests DIR`.
+    pub fn source(source_args: &[&OsStr]) -> Self {
+        Self {
+            source_args: source_args.iter().map(|arg| arg.to_os_string()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// `--node-name NAME`.
+    pub fn node_name(mut self, name: &str) -> Self {
+        self.node_name = Some(name.to_owned());
+        self
+    }
+
+    /// `--attach IFACE` for each of `ifaces` (pod-facing interfaces).
+    pub fn attach(mut self, ifaces: &[&str]) -> Self {
+        self.attach
+            .extend(ifaces.iter().map(|iface| (*iface).to_owned()));
+        self
+    }
+
+    /// `--external IFACE` (the node's interface on the network).
+    pub fn external(mut self, iface: &str) -> Self {
+        self.external.push(iface.to_owned());
+        self
+    }
+
+    /// Any other argument of `lb-agent run`, in order.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.extra_args.push(arg.as_ref().to_os_string());
+        self
+    }
+
+    /// The arguments after `run`, pin directory excluded.
+    fn args(&self) -> Vec<OsString> {
+        let mut args = self.source_args.clone();
+        if let Some(name) = &self.node_name {
+            args.push("--node-name".into());
+            args.push(name.into());
+        }
+        for iface in &self.attach {
+            args.push("--attach".into());
+            args.push(iface.into());
+        }
+        for iface in &self.external {
+            args.push("--external".into());
+            args.push(iface.into());
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+}
+
 impl Agent {
     /// Starts `lb-agent run --manifests <manifests> --attach <iface>...
     /// --pin-dir <pin_dir>` in `node`'s network namespace (and the test's
@@ -60,10 +130,9 @@ impl Agent {
     /// pinned and its program is attached to every interface of `attach`.
     /// Its stdout and stderr go to a log file.
     pub fn start(node: &Node, manifests: &Path, attach: &[&str], pin_dir: PinDir) -> Result<Self> {
-        Self::start_with(
+        Self::start_config(
             node,
-            &[OsStr::new("--manifests"), manifests.as_os_str()],
-            attach,
+            &AgentConfig::manifests(manifests).attach(attach),
             pin_dir,
         )
     }
@@ -76,6 +145,18 @@ impl Agent {
         attach: &[&str],
         pin_dir: PinDir,
     ) -> Result<Self> {
+        Self::start_config(
+            node,
+            &AgentConfig::source(source_args).attach(attach),
+            pin_dir,
+        )
+    }
+
+    /// Starts `lb-agent run <config> --pin-dir <pin_dir>` in `node`'s
+    /// network namespace and waits until its maps are pinned, `lb_tc_pod`
+    /// is at tcx ingress of every `--attach` interface, and `lb_xdp_ext`
+    /// (in any XDP mode) and `lb_tc_ext` are on every `--external` one.
+    pub fn start_config(node: &Node, config: &AgentConfig, pin_dir: PinDir) -> Result<Self> {
         let binary = agent_binary()?;
         let pin_name = pin_dir
             .path()
@@ -106,12 +187,9 @@ impl Agent {
         }
         command
             .arg("run")
-            .args(source_args)
+            .args(config.args())
             .arg("--pin-dir")
             .arg(pin_dir.path());
-        for iface in attach {
-            command.arg("--attach").arg(iface);
-        }
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
@@ -135,12 +213,12 @@ impl Agent {
         };
         // The agent pins its maps one by one after loading, attaches, and
         // may program the maps before it attaches: ready means every map
-        // pinned and the program on every interface, as the kernel reports.
+        // pinned and the programs on every interface, as the kernel reports.
         let ready = wait::poll(START_TIMEOUT, "lb-agent to pin its maps and attach", || {
             if let Err(error) = agent.ensure_running() {
                 return Probe::Failed(error);
             }
-            match agent.attached_and_pinned(node, attach) {
+            match agent.attached_and_pinned(node, config) {
                 Ok(()) => Probe::Ready(()),
                 Err(state) => Probe::Pending(state),
             }
@@ -158,9 +236,10 @@ impl Agent {
         }
     }
 
-    /// Every map pinned and readable, and the program at tcx ingress of
-    /// every interface in `attach`, as the kernel reports it.
-    fn attached_and_pinned(&self, node: &Node, attach: &[&str]) -> Result<(), String> {
+    /// Every map pinned and readable, `lb_tc_pod` at tcx ingress of every
+    /// `--attach` interface, `lb_xdp_ext` and `lb_tc_ext` on every
+    /// `--external` one, as the kernel reports it.
+    fn attached_and_pinned(&self, node: &Node, config: &AgentConfig) -> Result<(), String> {
         let missing: Vec<&str> = lb_common::names::ALL_MAPS
             .into_iter()
             .filter(|map| !self.pin_dir.path().join(map).exists())
@@ -169,13 +248,26 @@ impl Agent {
             return Err(format!("not pinned yet: {}", missing.join(", ")));
         }
         self.services()?;
-        for iface in attach {
+        for iface in &config.attach {
             let programs = tcx_ingress_programs(node.ns(), iface)?;
             if !programs
                 .iter()
                 .any(|name| name == lb_common::names::PROG_TC_POD)
             {
                 return Err(format!("tcx ingress of {iface}: {programs:?}"));
+            }
+        }
+        for iface in &config.external {
+            let programs = tcx_ingress_programs(node.ns(), iface)?;
+            if !programs
+                .iter()
+                .any(|name| name == lb_common::names::PROG_TC_EXTERNAL)
+            {
+                return Err(format!("tcx ingress of {iface}: {programs:?}"));
+            }
+            match xdp_program(node.ns(), iface)? {
+                Some(xdp) if xdp.program == lb_common::names::PROG_XDP_EXTERNAL => {}
+                other => return Err(format!("XDP on {iface}: {other:?}")),
             }
         }
         Ok(())
@@ -249,6 +341,15 @@ impl Agent {
     pub fn counters(&self) -> Result<Vec<(String, u64)>, String> {
         lb_agent::inspect::counters(self.pin_dir.path())
             .map_err(|error| format!("inspect counters: {error}"))
+    }
+
+    /// One datapath counter (`Counter::name`), summed over CPUs.
+    pub fn counter(&self, name: &str) -> Result<u64, String> {
+        self.counters()?
+            .into_iter()
+            .find(|(counter, _)| counter == name)
+            .map(|(_, value)| value)
+            .ok_or_else(|| format!("no counter {name}"))
     }
 
     /// What the maps hold right now, for a failing test's output: non-zero
@@ -431,6 +532,71 @@ impl Drop for Agent {
     }
 }
 
+/// How an XDP program is attached (`IFLA_XDP_ATTACHED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native: the driver runs it (`xdpdrv`; on a veth, in its NAPI poll).
+    Driver,
+    /// Generic: the stack runs it on the skb (`xdpgeneric`).
+    Generic,
+    /// Offloaded to the NIC (`xdpoffload`).
+    Offload,
+}
+
+/// The XDP program on an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpProgram {
+    pub mode: XdpMode,
+    /// The program's name as the kernel reports it.
+    pub program: String,
+    pub id: u64,
+}
+
+/// The XDP program attached to `iface` in `ns`, as `ip -details -json link
+/// show` reports it (`None`: none).
+pub fn xdp_program(ns: &NetNs, iface: &str) -> Result<Option<XdpProgram>, String> {
+    let output = ns
+        .ip(&["-details", "-json", "link", "show", "dev", iface])
+        .map_err(|error| error.to_string())?;
+    parse_xdp_program(&output)
+        .map_err(|error| format!("XDP state of {iface} in {}: {error}", ns.name()))
+}
+
+fn parse_xdp_program(json: &str) -> Result<Option<XdpProgram>, String> {
+    let links: serde_json::Value =
+        serde_json::from_str(json).map_err(|error| format!("ip -json output: {error}"))?;
+    let Some(xdp) = links.get(0).and_then(|link| link.get("xdp")) else {
+        return Ok(None);
+    };
+    // With one program: {"mode": M, "prog": {...}}; several modes at once
+    // (rare): {"mode": 4 (multi), "attached": [{"mode": M, "prog": {...}}]}.
+    let attachment = match xdp.get("attached").and_then(|all| all.get(0)) {
+        Some(first) => first,
+        None => xdp,
+    };
+    let mode = match attachment.get("mode").and_then(serde_json::Value::as_u64) {
+        Some(1) => XdpMode::Driver,
+        Some(2) => XdpMode::Generic,
+        Some(3) => XdpMode::Offload,
+        other => return Err(format!("unknown XDP mode {other:?} in {xdp}")),
+    };
+    let program = attachment
+        .get("prog")
+        .ok_or_else(|| format!("no prog in {xdp}"))?;
+    Ok(Some(XdpProgram {
+        mode,
+        program: program
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_owned(),
+        id: program
+            .get("id")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+    }))
+}
+
 /// Names of the programs attached at tcx ingress of `iface` in namespace
 /// `ns`, in order, as the kernel reports them (`BPF_PROG_QUERY`).
 pub fn tcx_ingress_programs(ns: &NetNs, iface: &str) -> Result<Vec<String>, String> {
@@ -444,4 +610,38 @@ pub fn tcx_ingress_programs(ns: &NetNs, iface: &str) -> Result<Vec<String>, Stri
         .iter()
         .map(|program| program.name_as_str().unwrap_or("?").to_owned())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_attachments_parse() {
+        assert_eq!(
+            parse_xdp_program(r#"[{"ifname":"eth0","mtu":1500}]"#),
+            Ok(None)
+        );
+        assert_eq!(
+            parse_xdp_program(
+                r#"[{"ifname":"eth0","xdp":{"mode":1,"prog":{"id":42,"name":"lb_xdp_ext","tag":"ab","jited":1}}}]"#
+            ),
+            Ok(Some(XdpProgram {
+                mode: XdpMode::Driver,
+                program: "lb_xdp_ext".into(),
+                id: 42
+            }))
+        );
+        assert_eq!(
+            parse_xdp_program(
+                r#"[{"xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":7,"name":"p"}}]}}]"#
+            ),
+            Ok(Some(XdpProgram {
+                mode: XdpMode::Generic,
+                program: "p".into(),
+                id: 7
+            }))
+        );
+        assert!(parse_xdp_program("not json").is_err());
+    }
 }

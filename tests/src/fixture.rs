@@ -1,15 +1,17 @@
-//! A ready-made cluster for end-to-end tests and the demo: one node, one
-//! client pod, `n` backend pods running servers, a manifest directory and
-//! the agent attached to every pod's veth.
+//! Ready-made clusters for end-to-end tests and the demo: [`OneNode`] (one
+//! node, one client pod, `n` backend pods running servers, a manifest
+//! directory and the agent attached to every pod's veth) and [`MultiNode`]
+//! (nodes on a network, each with pods and its own agent, and external
+//! clients).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, AgentConfig};
 use crate::error::Result;
 use crate::manifests::{
-    Endpoint, EndpointPort, EndpointSlice, ManifestDir, Protocol, Service, ServicePort,
+    Endpoint, EndpointPort, EndpointSlice, ManifestDir, Protocol, Service, ServicePort, TargetPort,
 };
-use crate::topology::{Node, Pod, Testbed};
+use crate::topology::{ExternalClient, NETWORK_IFACE, Node, Pod, Testbed};
 use crate::traffic::{TcpServer, UdpServer};
 
 /// Name of the node of a [`OneNode`] cluster.
@@ -252,4 +254,230 @@ fn expected_backends(endpoints: &[Endpoint], port: u16) -> Vec<(SocketAddrV4, bo
         .iter()
         .map(|endpoint| (SocketAddrV4::new(endpoint.address, port), endpoint.ready))
         .collect()
+}
+
+/// Name of node `n` (1-based) of a [`MultiNode`] cluster: what its agent
+/// gets as `--node-name` and its endpoints as `nodeName`.
+pub fn node_name(n: usize) -> String {
+    format!("node-{n}")
+}
+
+/// Name of pod `k` (1-based) on node `n` (1-based): `pod-<n>-<k>`.
+pub fn node_pod_name(n: usize, k: usize) -> String {
+    format!("pod-{n}-{k}")
+}
+
+/// Name of external client `k` (1-based): `ext-<k>`.
+pub fn external_client_name(k: usize) -> String {
+    format!("ext-{k}")
+}
+
+/// The shape of a [`MultiNode`] cluster.
+#[derive(Clone, Debug)]
+pub struct MultiNodeSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub external_clients: usize,
+    /// Every pod runs a TCP server on each of these ports...
+    pub tcp_ports: Vec<u16>,
+    /// ... and a UDP server on each of these.
+    pub udp_ports: Vec<u16>,
+}
+
+impl Default for MultiNodeSpec {
+    /// Two nodes with two pods each, two external clients, servers on
+    /// TCP 8080 and UDP 5353.
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 2,
+            external_clients: 2,
+            tcp_ports: vec![8080],
+            udp_ports: vec![5353],
+        }
+    }
+}
+
+/// Nodes `node-1..` on one network, each with pods `pod-<n>-1..` running
+/// servers (which report the peer address they saw) and, once started, its
+/// own agent (own pin directory, `--node-name node-<n> --external eth0`,
+/// attached to its pods); external clients `ext-1..` on the same network;
+/// one manifest directory every agent reads.
+///
+/// Field order is teardown order: agents, servers, then the namespaces.
+#[derive(Debug)]
+pub struct MultiNode {
+    agents: Vec<Agent>,
+    tcp_servers: Vec<TcpServer>,
+    udp_servers: Vec<UdpServer>,
+    manifests: ManifestDir,
+    testbed: Testbed,
+    spec: MultiNodeSpec,
+}
+
+impl MultiNode {
+    /// Builds the namespaces and starts the servers; agents are started
+    /// separately ([`MultiNode::start_agents`]).
+    pub fn build(tag: &str, spec: MultiNodeSpec) -> Result<Self> {
+        let mut testbed = Testbed::new(tag)?;
+        let manifests = ManifestDir::create(testbed.scratch().join("manifests"))?;
+        let mut tcp_servers = Vec::new();
+        let mut udp_servers = Vec::new();
+        for n in 1..=spec.nodes {
+            let node = testbed.add_networked_node(&node_name(n))?;
+            for k in 1..=spec.pods_per_node {
+                let pod = node.add_pod(&node_pod_name(n, k))?;
+                for &port in &spec.tcp_ports {
+                    tcp_servers.push(TcpServer::start(pod, port)?);
+                }
+                for &port in &spec.udp_ports {
+                    udp_servers.push(UdpServer::start(pod, port)?);
+                }
+            }
+        }
+        for k in 1..=spec.external_clients {
+            testbed.add_external_client(&external_client_name(k))?;
+        }
+        Ok(Self {
+            agents: Vec::new(),
+            tcp_servers,
+            udp_servers,
+            manifests,
+            testbed,
+            spec,
+        })
+    }
+
+    /// [`MultiNode::build`], then [`MultiNode::start_agents`].
+    pub fn start(tag: &str, spec: MultiNodeSpec) -> Result<Self> {
+        let mut cluster = Self::build(tag, spec)?;
+        cluster.start_agents()?;
+        Ok(cluster)
+    }
+
+    /// Starts one agent per node (see [`MultiNode::start_agents_with`]).
+    pub fn start_agents(&mut self) -> Result<()> {
+        self.start_agents_with(|config| config)
+    }
+
+    /// Starts the agent of every node: `--manifests <dir> --node-name
+    /// node-<n> --external eth0 --attach <each pod's interface>`, pinning
+    /// under `/sys/fs/bpf/<testbed>-agent-<n>`, with whatever `customize`
+    /// adds; each is ready (see [`Agent::start_config`]) before the next
+    /// starts.
+    pub fn start_agents_with(
+        &mut self,
+        customize: impl Fn(AgentConfig) -> AgentConfig,
+    ) -> Result<()> {
+        assert!(self.agents.is_empty(), "the agents are already running");
+        for n in 1..=self.spec.nodes {
+            let node = self.node(n);
+            let config = customize(
+                AgentConfig::manifests(self.manifests.path())
+                    .node_name(&node_name(n))
+                    .external(NETWORK_IFACE)
+                    .attach(&node.pod_ifaces()),
+            );
+            let pin_dir = self.testbed.pin_dir(&format!("agent-{n}"))?;
+            let agent = Agent::start_config(node, &config, pin_dir)?;
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// The agent of node `n` (1-based); panics if not started.
+    pub fn agent(&self, n: usize) -> &Agent {
+        self.agents
+            .get(n - 1)
+            .unwrap_or_else(|| panic!("no agent on node {n}"))
+    }
+
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    pub fn testbed(&self) -> &Testbed {
+        &self.testbed
+    }
+
+    pub fn manifests(&self) -> &ManifestDir {
+        &self.manifests
+    }
+
+    /// Node `n`, 1-based.
+    pub fn node(&self, n: usize) -> &Node {
+        self.testbed.node(&node_name(n))
+    }
+
+    /// Pod `k` of node `n`, both 1-based.
+    pub fn pod(&self, n: usize, k: usize) -> &Pod {
+        self.node(n).pod(&node_pod_name(n, k))
+    }
+
+    /// External client `k`, 1-based.
+    pub fn external_client(&self, k: usize) -> &ExternalClient {
+        self.testbed.external_client(&external_client_name(k))
+    }
+
+    /// Routes `ip` from every external client via node `n`.
+    pub fn route_external(&self, ip: Ipv4Addr, n: usize) -> Result<()> {
+        for client in self.testbed.external_clients() {
+            client.route_via(ip, self.node(n))?;
+        }
+        Ok(())
+    }
+
+    /// An EndpointSlice of `service` listing `pods` ((node, pod), 1-based)
+    /// as ready endpoints with their `nodeName`, one port per Service port
+    /// (named like it, carrying its numeric target port).
+    pub fn slice(&self, service: &Service, pods: &[(usize, usize)]) -> EndpointSlice {
+        let ports = service
+            .ports
+            .iter()
+            .map(|port| {
+                let TargetPort::Number(target) = port.target_port else {
+                    panic!("MultiNode::slice needs numeric target ports: {port:?}");
+                };
+                match port.protocol {
+                    Protocol::Tcp => EndpointPort::tcp(&port.name, target),
+                    Protocol::Udp => EndpointPort::udp(&port.name, target),
+                }
+            })
+            .collect();
+        let endpoints = pods
+            .iter()
+            .map(|&(n, k)| Endpoint::ready(self.pod(n, k).addr()))
+            .collect();
+        pods.iter().fold(
+            EndpointSlice::new(&service.name, "1", ports, endpoints),
+            |slice, &(n, k)| slice.with_node_name(self.pod(n, k).addr(), &node_name(n)),
+        )
+    }
+
+    /// Writes `service` and its slice listing `pods` to `<name>.yaml`
+    /// (replacing what was there).
+    pub fn write(&self, service: &Service, pods: &[(usize, usize)]) -> Result<()> {
+        self.manifests.write(
+            &format!("{}.yaml", service.name),
+            &[service.to_value(), self.slice(service, pods).to_value()],
+        )
+    }
+
+    /// Removes what [`MultiNode::write`] wrote for `service`.
+    pub fn remove(&self, service: &Service) -> Result<()> {
+        self.manifests.remove(&format!("{}.yaml", service.name))
+    }
+
+    /// The address and port pod `(n, k)` serves `target` on.
+    pub fn backend(&self, n: usize, k: usize, target: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pod(n, k).addr(), target)
+    }
+
+    pub fn tcp_servers(&self) -> &[TcpServer] {
+        &self.tcp_servers
+    }
+
+    pub fn udp_servers(&self) -> &[UdpServer] {
+        &self.udp_servers
+    }
 }

@@ -23,6 +23,7 @@ pub mod bench;
 pub mod command;
 pub mod dirs;
 pub mod error;
+pub mod ethtool;
 pub mod fake_apiserver;
 pub mod fixture;
 pub mod manifests;

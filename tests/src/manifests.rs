@@ -6,6 +6,7 @@
 //! does not read) and is renamed over the target, so the agent never reads
 //! a half-written file.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,9 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: TargetPort,
     pub protocol: Protocol,
+    /// `nodePort` (type NodePort or LoadBalancer): without an API server
+    /// nothing allocates one, so a manifest states it.
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -87,6 +91,7 @@ impl ServicePort {
             port,
             target_port: target_port.into(),
             protocol: Protocol::Tcp,
+            node_port: None,
         }
     }
 
@@ -96,7 +101,14 @@ impl ServicePort {
             port,
             target_port: target_port.into(),
             protocol: Protocol::Udp,
+            node_port: None,
         }
+    }
+
+    /// The same port with `nodePort: node_port`.
+    pub fn with_node_port(mut self, node_port: u16) -> Self {
+        self.node_port = Some(node_port);
+        self
     }
 
     fn to_value(&self) -> Value {
@@ -108,16 +120,69 @@ impl ServicePort {
         if !self.name.is_empty() {
             port["name"] = json!(self.name);
         }
+        if let Some(node_port) = self.node_port {
+            port["nodePort"] = json!(node_port);
+        }
         port
     }
 }
 
-/// A `v1/Service` of type ClusterIP.
+/// `spec.type` of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub const fn as_k8s(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// `spec.externalTrafficPolicy` / `spec.internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+impl TrafficPolicy {
+    pub const fn as_k8s(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
+/// A `v1/Service`: type ClusterIP unless a `with_*` method says otherwise.
+/// Fields left at their defaults are left out of the manifest, as an API
+/// server would default them.
 #[derive(Clone, Debug)]
 pub struct Service {
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
+    pub service_type: ServiceType,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `spec.externalTrafficPolicy` (None: unset, which means Cluster).
+    pub external_traffic_policy: Option<TrafficPolicy>,
+    /// `spec.internalTrafficPolicy` (None: unset, which means Cluster).
+    pub internal_traffic_policy: Option<TrafficPolicy>,
+    /// `spec.healthCheckNodePort`.
+    pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges`, as written (so a test can write an
+    /// invalid one).
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ingress: Vec<Ipv4Addr>,
 }
 
 impl Service {
@@ -126,21 +191,96 @@ impl Service {
             name: name.to_owned(),
             cluster_ip,
             ports,
+            service_type: ServiceType::ClusterIP,
+            external_ips: Vec::new(),
+            external_traffic_policy: None,
+            internal_traffic_policy: None,
+            health_check_node_port: None,
+            load_balancer_source_ranges: Vec::new(),
+            load_balancer_ingress: Vec::new(),
         }
     }
 
+    pub fn with_type(mut self, service_type: ServiceType) -> Self {
+        self.service_type = service_type;
+        self
+    }
+
+    pub fn with_external_ips(mut self, ips: &[Ipv4Addr]) -> Self {
+        self.external_ips = ips.to_vec();
+        self
+    }
+
+    pub fn with_external_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
+        self.external_traffic_policy = Some(policy);
+        self
+    }
+
+    pub fn with_internal_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
+        self.internal_traffic_policy = Some(policy);
+        self
+    }
+
+    pub fn with_health_check_node_port(mut self, port: u16) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+
+    pub fn with_source_ranges(mut self, ranges: &[&str]) -> Self {
+        self.load_balancer_source_ranges = ranges.iter().map(|range| (*range).to_owned()).collect();
+        self
+    }
+
+    pub fn with_ingress(mut self, ips: &[Ipv4Addr]) -> Self {
+        self.load_balancer_ingress = ips.to_vec();
+        self
+    }
+
     pub fn to_value(&self) -> Value {
-        json!({
+        let mut service = json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": { "name": self.name, "namespace": NAMESPACE },
             "spec": {
-                "type": "ClusterIP",
+                "type": self.service_type.as_k8s(),
                 "clusterIP": self.cluster_ip.to_string(),
                 "clusterIPs": [self.cluster_ip.to_string()],
                 "ports": self.ports.iter().map(ServicePort::to_value).collect::<Vec<_>>(),
             },
-        })
+        });
+        let spec = &mut service["spec"];
+        if !self.external_ips.is_empty() {
+            spec["externalIPs"] = json!(
+                self.external_ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            );
+        }
+        if let Some(policy) = self.external_traffic_policy {
+            spec["externalTrafficPolicy"] = json!(policy.as_k8s());
+        }
+        if let Some(policy) = self.internal_traffic_policy {
+            spec["internalTrafficPolicy"] = json!(policy.as_k8s());
+        }
+        if let Some(port) = self.health_check_node_port {
+            spec["healthCheckNodePort"] = json!(port);
+        }
+        if !self.load_balancer_source_ranges.is_empty() {
+            spec["loadBalancerSourceRanges"] = json!(self.load_balancer_source_ranges);
+        }
+        if !self.load_balancer_ingress.is_empty() {
+            service["status"] = json!({
+                "loadBalancer": {
+                    "ingress": self
+                        .load_balancer_ingress
+                        .iter()
+                        .map(|ip| json!({ "ip": ip.to_string() }))
+                        .collect::<Vec<_>>(),
+                },
+            });
+        }
+        service
     }
 }
 
@@ -205,6 +345,9 @@ pub struct EndpointSlice {
     pub service: String,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
+    /// `nodeName` of endpoints, by address (an endpoint not listed has
+    /// none).
+    pub node_names: BTreeMap<Ipv4Addr, String>,
 }
 
 impl EndpointSlice {
@@ -220,7 +363,14 @@ impl EndpointSlice {
             service: service.to_owned(),
             ports,
             endpoints,
+            node_names: BTreeMap::new(),
         }
+    }
+
+    /// The same slice with `nodeName: node` on the endpoint `address`.
+    pub fn with_node_name(mut self, address: Ipv4Addr, node: &str) -> Self {
+        self.node_names.insert(address, node.to_owned());
+        self
     }
 
     pub fn to_value(&self) -> Value {
@@ -234,10 +384,16 @@ impl EndpointSlice {
             },
             "addressType": "IPv4",
             "ports": self.ports.iter().map(EndpointPort::to_value).collect::<Vec<_>>(),
-            "endpoints": self.endpoints.iter().map(|endpoint| json!({
-                "addresses": [endpoint.address.to_string()],
-                "conditions": { "ready": endpoint.ready },
-            })).collect::<Vec<_>>(),
+            "endpoints": self.endpoints.iter().map(|endpoint| {
+                let mut value = json!({
+                    "addresses": [endpoint.address.to_string()],
+                    "conditions": { "ready": endpoint.ready },
+                });
+                if let Some(node) = self.node_names.get(&endpoint.address) {
+                    value["nodeName"] = json!(node);
+                }
+                value
+            }).collect::<Vec<_>>(),
         })
     }
 }
@@ -410,6 +566,55 @@ mod tests {
             (ports[0].name.as_deref(), ports[0].port),
             (Some("http"), Some(8080))
         );
+    }
+
+    #[test]
+    fn external_fields_are_what_kubernetes_types_accept() {
+        let service = Service::new(
+            "edge",
+            Ipv4Addr::new(198, 19, 0, 11),
+            vec![ServicePort::tcp("http", 80, 8080).with_node_port(30080)],
+        )
+        .with_type(ServiceType::LoadBalancer)
+        .with_external_ips(&[Ipv4Addr::new(198, 18, 253, 2)])
+        .with_external_traffic_policy(TrafficPolicy::Local)
+        .with_health_check_node_port(32000)
+        .with_source_ranges(&["198.18.254.100/32"])
+        .with_ingress(&[Ipv4Addr::new(198, 18, 253, 1)]);
+        let parsed: core::Service =
+            serde_json::from_value(service.to_value()).expect("a v1 Service");
+        let spec = parsed.spec.expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.ports.expect("ports")[0].node_port, Some(30080));
+        assert_eq!(spec.external_ips, Some(vec!["198.18.253.2".to_owned()]));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(spec.health_check_node_port, Some(32000));
+        assert_eq!(
+            spec.load_balancer_source_ranges,
+            Some(vec!["198.18.254.100/32".to_owned()])
+        );
+        let ingress = parsed
+            .status
+            .and_then(|status| status.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .expect("ingress");
+        assert_eq!(ingress[0].ip.as_deref(), Some("198.18.253.1"));
+
+        let address = Ipv4Addr::new(198, 18, 1, 2);
+        let slice = EndpointSlice::new(
+            "edge",
+            "1",
+            vec![EndpointPort::tcp("http", 8080)],
+            vec![
+                Endpoint::ready(address),
+                Endpoint::ready(Ipv4Addr::new(198, 18, 33, 2)),
+            ],
+        )
+        .with_node_name(address, "node-1");
+        let parsed: discovery::EndpointSlice =
+            serde_json::from_value(slice.to_value()).expect("a v1 EndpointSlice");
+        assert_eq!(parsed.endpoints[0].node_name.as_deref(), Some("node-1"));
+        assert_eq!(parsed.endpoints[1].node_name, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! every [`SERVER_TICK`], clients give up after [`CLIENT_TIMEOUT`].
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -20,7 +20,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::error::{Result, TestbedError};
-use crate::topology::Pod;
+use crate::netns::NetNs;
+use crate::topology::{ExternalClient, Node, Pod};
 
 /// How long a client waits to connect, and for each answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -121,31 +122,35 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let listener = pod
+        Self::start_in(pod.ns(), pod.name(), port)
+    }
+
+    /// A server in any namespace (a node, an external client), answering
+    /// as `name`.
+    pub fn start_in(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        let listener = ns
             .run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
             .map_err(|source| {
-                TestbedError::io(
-                    format!("bind TCP port {port} in pod {}", pod.name()),
-                    source,
-                )
+                TestbedError::io(format!("bind TCP port {port} in {}", ns.name()), source)
             })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| TestbedError::io("set listener non-blocking", source))?;
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let name = pod.name().to_owned();
+        let name = name.to_owned();
         let acceptor = thread::Builder::new()
             .name(format!("tcp-{name}"))
             .spawn({
                 let stop = Arc::clone(&stop);
                 let accepted = Arc::clone(&accepted);
+                let name = name.clone();
                 move || accept_loop(&listener, &name, port, &stop, &accepted)
             })
             .map_err(|source| TestbedError::io("spawn TCP server thread", source))?;
         Ok(Self {
             port,
-            pod: pod.name().to_owned(),
+            pod: name,
             stop,
             accepted,
             acceptor: Some(acceptor),
@@ -288,31 +293,35 @@ pub struct UdpServer {
 
 impl UdpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let socket = pod
+        Self::start_in(pod.ns(), pod.name(), port)
+    }
+
+    /// A server in any namespace (a node, an external client), answering
+    /// as `name`.
+    pub fn start_in(ns: &NetNs, name: &str, port: u16) -> Result<Self> {
+        let socket = ns
             .run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
             .map_err(|source| {
-                TestbedError::io(
-                    format!("bind UDP port {port} in pod {}", pod.name()),
-                    source,
-                )
+                TestbedError::io(format!("bind UDP port {port} in {}", ns.name()), source)
             })?;
         socket
             .set_read_timeout(Some(SERVER_TICK))
             .map_err(|source| TestbedError::io("set UDP read timeout", source))?;
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicUsize::new(0));
-        let name = pod.name().to_owned();
+        let name = name.to_owned();
         let worker = thread::Builder::new()
             .name(format!("udp-{name}"))
             .spawn({
                 let stop = Arc::clone(&stop);
                 let received = Arc::clone(&received);
+                let name = name.clone();
                 move || udp_loop(&socket, &name, port, &stop, &received)
             })
             .map_err(|source| TestbedError::io("spawn UDP server thread", source))?;
         Ok(Self {
             port,
-            pod: pod.name().to_owned(),
+            pod: name,
             stop,
             received,
             worker: Some(worker),
@@ -515,41 +524,118 @@ pub fn udp_spread(destination: SocketAddrV4, count: usize) -> io::Result<Tally> 
     Ok(tally)
 }
 
-/// Client operations run inside the pod, flattening "could not enter the
-/// namespace" into the I/O error so callers handle one error type and can
-/// still match on `ConnectionRefused` and friends.
-impl Pod {
-    fn run_io<T: Send>(&self, task: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-        self.run(task).map_err(io::Error::other)?
-    }
+/// The client operations of anything that has a network namespace (a pod,
+/// a node, an external client): each runs inside that namespace,
+/// flattening "could not enter the namespace" into the I/O error so
+/// callers handle one error type and can still match on
+/// `ConnectionRefused` and friends.
+macro_rules! client_operations {
+    ($($host:ty),+) => {$(
+        impl $host {
+            fn run_io<T: Send>(&self, task: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+                self.ns().run(task).map_err(io::Error::other)?
+            }
 
-    pub fn tcp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<TcpExchange> {
-        self.run_io(|| tcp_request(destination, request))
-    }
+            pub fn tcp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<TcpExchange> {
+                self.run_io(|| tcp_request(destination, request))
+            }
 
-    pub fn tcp_connect(&self, destination: SocketAddrV4) -> io::Result<TcpSession> {
-        self.run_io(|| TcpSession::connect(destination))
-    }
+            pub fn tcp_connect(&self, destination: SocketAddrV4) -> io::Result<TcpSession> {
+                self.run_io(|| TcpSession::connect(destination))
+            }
 
-    pub fn tcp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
-        self.run_io(|| tcp_spread(destination, count))
-    }
+            pub fn tcp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+                self.run_io(|| tcp_spread(destination, count))
+            }
 
-    pub fn udp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
-        self.run_io(|| udp_request(destination, request))
-    }
+            pub fn udp_request(&self, destination: SocketAddrV4, request: &str) -> io::Result<UdpExchange> {
+                self.run_io(|| udp_request(destination, request))
+            }
 
-    pub fn udp_connected_request(
-        &self,
-        destination: SocketAddrV4,
-        request: &str,
-    ) -> io::Result<UdpExchange> {
-        self.run_io(|| udp_connected_request(destination, request))
-    }
+            pub fn udp_connected_request(
+                &self,
+                destination: SocketAddrV4,
+                request: &str,
+            ) -> io::Result<UdpExchange> {
+                self.run_io(|| udp_connected_request(destination, request))
+            }
 
-    pub fn udp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
-        self.run_io(|| udp_spread(destination, count))
-    }
+            pub fn udp_spread(&self, destination: SocketAddrV4, count: usize) -> io::Result<Tally> {
+                self.run_io(|| udp_spread(destination, count))
+            }
+
+            pub fn http_get(&self, destination: SocketAddrV4, path: &str) -> io::Result<HttpResponse> {
+                self.run_io(|| http_get(destination, path))
+            }
+        }
+    )+};
+}
+
+client_operations!(Pod, Node, ExternalClient);
+
+/// An HTTP/1.1 answer: status code and body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET <path>` with `Connection: close`, reading the answer to EOF (the
+/// agent's health-check listener is the server this is for), bounded by
+/// [`CLIENT_TIMEOUT`] per step.
+pub fn http_get(destination: SocketAddrV4, path: &str) -> io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&destination.into(), CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {destination}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_http_response(&String::from_utf8_lossy(&raw)).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP response: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })
+}
+
+/// Status and body of a complete HTTP/1.1 response (body delimited by the
+/// end of the connection, or chunked).
+fn parse_http_response(text: &str) -> Option<HttpResponse> {
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()?
+        .strip_prefix("HTTP/1.")?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let chunked = lines.any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = if chunked {
+        let mut decoded = String::new();
+        let mut rest = body;
+        loop {
+            let (size, after) = rest.split_once("\r\n")?;
+            let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            decoded.push_str(after.get(..size)?);
+            rest = after.get(size..)?.strip_prefix("\r\n")?;
+        }
+        decoded
+    } else {
+        body.to_owned()
+    };
+    Some(HttpResponse { status, body })
 }
 
 #[cfg(test)]
@@ -570,6 +656,28 @@ mod tests {
                 echo: "hello there".into(),
             }
         );
+    }
+
+    #[test]
+    fn http_responses_parse() {
+        let plain = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(
+            parse_http_response(plain),
+            Some(HttpResponse {
+                status: 503,
+                body: "{}".into()
+            })
+        );
+        let chunked =
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(chunked),
+            Some(HttpResponse {
+                status: 200,
+                body: "abcde".into()
+            })
+        );
+        assert_eq!(parse_http_response("garbage"), None);
     }
 
     #[test]

@@ -14,77 +14,22 @@
 //! Privileged: needs root, network namespaces (created here, joined only to
 //! each other by veth pairs) and a 6.6+ kernel (tcx).
 
-use std::{
-    io,
-    net::SocketAddrV4,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{io, net::SocketAddrV4};
 
 use lb_common::{counters::Counter, proto};
 use lb_tests::{
+    ethtool::{self, Feature},
     netns::NetNs,
     packet::datapath::{BackendSpec, Datapath, ServiceSpec},
     topology::{Testbed, cluster_ip},
     traffic::{TcpServer, UdpServer},
 };
 
-/// `SIOCETHTOOL` and the legacy TX checksum commands of `linux/ethtool.h`.
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
-const ETHTOOL_GTXCSUM: u32 = 0x16;
-const ETHTOOL_STXCSUM: u32 = 0x17;
-
-#[repr(C)]
-struct EthtoolValue {
-    cmd: u32,
-    data: u32,
-}
-
-/// `struct ifreq` with the `ifr_data` member of its union.
-#[repr(C)]
-struct IfreqData {
-    name: [u8; libc::IFNAMSIZ],
-    data: *mut libc::c_void,
-    _rest: [u8; 16],
-}
-
-/// One ethtool TX-checksum command on `iface`, from a socket in the
-/// calling thread's namespace; returns the value the kernel reports.
-fn ethtool_tx_checksum(iface: &str, command: u32, value: u32) -> io::Result<u32> {
-    // SAFETY: plain syscall; the descriptor is owned right away.
-    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if socket < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `socket` is a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
-    let mut request = EthtoolValue {
-        cmd: command,
-        data: value,
-    };
-    let mut ifreq = IfreqData {
-        name: [0; libc::IFNAMSIZ],
-        data: (&raw mut request).cast(),
-        _rest: [0; 16],
-    };
-    assert!(iface.len() < libc::IFNAMSIZ, "interface name too long");
-    ifreq.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: `ifreq` and the `request` it points to outlive the call.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &raw mut ifreq) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(request.data)
-}
-
-/// Switches TX checksum offload of `iface` (in `ns`) off and checks it is.
+/// Switches TX checksum offload of `iface` (in `ns`) off; the helper checks
+/// the kernel reports it off.
 fn disable_tx_checksum_offload(ns: &NetNs, iface: &str) {
-    let state = ns
-        .run(|| {
-            ethtool_tx_checksum(iface, ETHTOOL_STXCSUM, 0)?;
-            ethtool_tx_checksum(iface, ETHTOOL_GTXCSUM, 0)
-        })
-        .expect("enter the node namespace")
+    ethtool::set(ns, iface, Feature::TxChecksum, false)
         .unwrap_or_else(|error| panic!("ethtool tx off on {iface}: {error}"));
-    assert_eq!(state, 0, "TX checksum offload still on for {iface}");
 }
 
 #[test]
