@@ -25,7 +25,7 @@ use lb_common::{
 };
 use lb_tests::packet::{
     bench::{Bench, BenchCase, BenchResult},
-    datapath::{BackendSpec, Datapath, ServiceSpec, TC_ACT_OK, monotonic_secs},
+    datapath::{BackendSpec, Datapath, Program, ServiceSpec, TC_ACT_OK, monotonic_secs},
     frame::{Frame, TCP_ACK, TCP_SYN},
 };
 
@@ -123,26 +123,32 @@ fn ns_per_packet() {
     let cases = [
         BenchCase {
             name: "new TCP flow (SYN)".into(),
+            program: Program::TcPod,
+            ifindex: None,
             frame: Frame::tcp(sa("198.18.0.1:40001"), sa(FRONTEND), TCP_SYN).to_bytes(),
             step_source_l4_csum_off: Some(TCP_CSUM_OFF),
             expected_verdict: TC_ACT_OK,
-            expected_counter: Counter::NewFlow,
+            expected_counters: vec![Counter::NewFlow],
             expected_output: None,
         },
         BenchCase {
             name: "established TCP flow".into(),
+            program: Program::TcPod,
+            ifindex: None,
             frame: data.to_bytes(),
             step_source_l4_csum_off: None,
             expected_verdict: TC_ACT_OK,
-            expected_counter: Counter::Established,
+            expected_counters: vec![Counter::Established],
             expected_output: Some(data.clone().with_dst(sa(backend)).to_bytes()),
         },
         BenchCase {
             name: "no service's packet".into(),
+            program: Program::TcPod,
+            ifindex: None,
             frame: other.clone(),
             step_source_l4_csum_off: None,
             expected_verdict: TC_ACT_OK,
-            expected_counter: Counter::Pass,
+            expected_counters: vec![Counter::Pass],
             expected_output: Some(other),
         },
     ];
@@ -153,10 +159,12 @@ fn ns_per_packet() {
 
     let syn_to = |frontend: &str| BenchCase {
         name: String::new(),
+        program: Program::TcPod,
+        ifindex: None,
         frame: Frame::tcp(sa("198.18.0.1:40001"), sa(frontend), TCP_SYN).to_bytes(),
         step_source_l4_csum_off: Some(TCP_CSUM_OFF),
         expected_verdict: TC_ACT_OK,
-        expected_counter: Counter::NewFlow,
+        expected_counters: vec![Counter::NewFlow],
         expected_output: None,
     };
     let miss = BenchCase {

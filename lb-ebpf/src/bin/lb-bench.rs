@@ -1,5 +1,5 @@
-//! Measurement harness for `lb_tc_pod`, built as its own object so none of
-//! it ships in the production datapath.
+//! Measurement harness for `lb_tc_pod` and `lb_xdp_ext`, built as its own
+//! object so none of it ships in the production datapath.
 //!
 //! `BPF_PROG_TEST_RUN` with `repeat > 1` re-runs a program on the buffer it
 //! already rewrote, so a translating program would measure the path of its
@@ -10,16 +10,20 @@
 //! `LB_BENCH_TARGET`, where userspace puts `lb_tc_pod` (or, to calibrate,
 //! `lb_bench_empty`). The tail-called program's verdict is the run's
 //! verdict; a failed tail call returns [`TAIL_CALL_FAILED`].
+//!
+//! `lb_bench_xdp_run` and `lb_bench_xdp_empty` are the same for XDP (a tail
+//! call only reaches a program of the caller's type, so XDP has its own
+//! slot, `LB_BENCH_XDP_TARGET`); they share `LB_BENCH_INPUT`.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_PASS},
     btf_maps::{Array, HashMap, ProgramArray},
-    helpers::generated::bpf_skb_store_bytes,
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    helpers::generated::{bpf_skb_store_bytes, bpf_xdp_store_bytes},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::service::{ServiceKey, ServiceValue};
 
@@ -56,12 +60,15 @@ static LB_BENCH_INPUT: Array<BenchInput, 1> = Array::new();
 #[btf_map]
 static LB_BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
 
-/// Replays the stored packet, then tail-calls the program under test.
-#[classifier]
-fn lb_bench_run(ctx: TcContext) -> i32 {
-    let Some(input) = LB_BENCH_INPUT.get_ptr_mut(0) else {
-        return TAIL_CALL_FAILED;
-    };
+/// Slot 0: the XDP program each run of `lb_bench_xdp_run` tail-calls.
+#[btf_map]
+static LB_BENCH_XDP_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// The stored packet, its source stepped if asked, and its length as
+/// arithmetic the verifier tracks (1..=256); `None` when it is unusable.
+#[inline(always)]
+fn next_input() -> Option<(&'static BenchInput, u32)> {
+    let input = LB_BENCH_INPUT.get_ptr_mut(0)?;
     // SAFETY: the map value stays valid for the run; test runs of one
     // program are serialized on this CPU.
     let input = unsafe { &mut *input };
@@ -69,11 +76,20 @@ fn lb_bench_run(ctx: TcContext) -> i32 {
         step_source(input);
     }
     if input.len == 0 || input.len as usize > MAX_PACKET_LEN {
-        return TAIL_CALL_FAILED;
+        return None;
     }
-    // The same range again as arithmetic the verifier tracks (1..=256):
-    // the compiler may turn the comparisons above into a check on a copy.
+    // The same range again as arithmetic the verifier tracks: the
+    // compiler may turn the comparisons above into a check on a copy.
     let len = (input.len.wrapping_sub(1) & (MAX_PACKET_LEN as u32 - 1)) + 1;
+    Some((input, len))
+}
+
+/// Replays the stored packet, then tail-calls the program under test.
+#[classifier]
+fn lb_bench_run(ctx: TcContext) -> i32 {
+    let Some((input, len)) = next_input() else {
+        return TAIL_CALL_FAILED;
+    };
     // SAFETY: `data` holds `MAX_PACKET_LEN` >= `len` bytes; the helper
     // bounds-checks the packet side (the skb has the same length).
     let ret =
@@ -84,6 +100,37 @@ fn lb_bench_run(ctx: TcContext) -> i32 {
     // SAFETY: on success control never returns here.
     unsafe { LB_BENCH_TARGET.tail_call(&ctx, 0) };
     TAIL_CALL_FAILED
+}
+
+/// [`lb_bench_run`] for XDP: replays the stored packet into the XDP buffer
+/// (of the same length), then tail-calls slot 0 of `LB_BENCH_XDP_TARGET`.
+#[xdp]
+fn lb_bench_xdp_run(ctx: XdpContext) -> u32 {
+    let Some((input, len)) = next_input() else {
+        return TAIL_CALL_FAILED as u32;
+    };
+    // SAFETY: `data` holds `MAX_PACKET_LEN` >= `len` bytes and is only
+    // read; the helper bounds-checks the packet side.
+    let ret = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.as_ptr().cast(),
+            0,
+            input.data.as_ptr().cast_mut().cast(),
+            len,
+        )
+    };
+    if ret != 0 {
+        return TAIL_CALL_FAILED as u32;
+    }
+    // SAFETY: on success control never returns here.
+    unsafe { LB_BENCH_XDP_TARGET.tail_call(&ctx, 0) };
+    TAIL_CALL_FAILED as u32
+}
+
+/// The XDP calibration target: the replay, the tail call and the loop.
+#[xdp]
+fn lb_bench_xdp_empty(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// The calibration target: does nothing, so a run through it costs the

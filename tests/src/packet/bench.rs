@@ -1,5 +1,5 @@
-//! ns/packet of `lb_tc_pod` as `BPF_PROG_TEST_RUN` reports it, measured
-//! correctly.
+//! ns/packet of `lb_tc_pod` and `lb_xdp_ext` as `BPF_PROG_TEST_RUN`
+//! reports it, measured correctly.
 //!
 //! With `repeat > 1` the kernel runs the program again and again on the
 //! same skb, which a translating program has already rewritten: from the
@@ -10,28 +10,38 @@
 //! source address, so every run is a new flow), then tail-calls the program
 //! in slot 0 of `LB_BENCH_TARGET`.
 //!
-//! Each case runs twice per round: with `lb_tc_pod` in the slot, and with
-//! `lb_bench_empty` (calibration: replay + tail call + loop). The reported
-//! cost is the difference. Every run's outcome is checked through the
-//! datapath's counters: after N runs exactly N increments of the case's
-//! counter and nothing else, and the last run's verdict and output frame.
+//! XDP cases go through `lb_bench_xdp_run` the same way (slot 0 of
+//! `LB_BENCH_XDP_TARGET`, calibrated with `lb_bench_xdp_empty`); a case may
+//! give the interface the packet arrives on (the `xdp_md` or `__sk_buff`
+//! test-run context), which a forwarding path needs for its FIB lookup (and
+//! then must be measured from a thread in that interface's namespace).
+//!
+//! Each case runs twice per round: with the program under test in the
+//! slot, and with the empty program (calibration: replay + tail call +
+//! loop). The reported cost is the difference. Every run's outcome is
+//! checked through the datapath's counters: after N runs exactly N
+//! increments of each of the case's counters and nothing else, and the
+//! last run's verdict and output frame.
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ProgramArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_common::counters::Counter;
 
 use super::{
     PacketError, Result,
-    datapath::{Counters, Datapath},
+    datapath::{Counters, Datapath, Program, tc_test_context, xdp_test_context},
 };
 
 const PROG_BENCH_RUN: &str = "lb_bench_run";
 const PROG_BENCH_EMPTY: &str = "lb_bench_empty";
+const PROG_BENCH_XDP_RUN: &str = "lb_bench_xdp_run";
+const PROG_BENCH_XDP_EMPTY: &str = "lb_bench_xdp_empty";
 const MAP_BENCH_INPUT: &str = "LB_BENCH_INPUT";
 const MAP_BENCH_TARGET: &str = "LB_BENCH_TARGET";
+const MAP_BENCH_XDP_TARGET: &str = "LB_BENCH_XDP_TARGET";
 
 /// Largest frame the replay wrapper holds (its `MAX_PACKET_LEN`).
 pub const MAX_BENCH_FRAME: usize = 256;
@@ -58,14 +68,19 @@ unsafe impl aya::Pod for BenchInput {}
 #[derive(Clone, Debug)]
 pub struct BenchCase {
     pub name: String,
+    /// The program under test.
+    pub program: Program,
+    /// The interface the packet arrives on (test-run context), if any.
+    pub ifindex: Option<u32>,
     /// The frame every run starts from (an IPv4 frame without options).
     pub frame: Vec<u8>,
     /// Step the IPv4 source address before every run (a new flow each run).
     /// Needs the offset of the L4 checksum in `frame` to keep it valid.
     pub step_source_l4_csum_off: Option<usize>,
     pub expected_verdict: u32,
-    /// The counter every run must increment exactly once.
-    pub expected_counter: Counter,
+    /// The counters every run must increment exactly once each (and no
+    /// other).
+    pub expected_counters: Vec<Counter>,
     /// The output of the last run, when it is known in advance.
     pub expected_output: Option<Vec<u8>>,
 }
@@ -76,11 +91,11 @@ pub struct BenchResult {
     pub name: String,
     pub runs_per_round: u32,
     pub rounds: u32,
-    /// Median over rounds of the average ns/run with `lb_tc_pod`.
+    /// Median over rounds of the average ns/run with the program under test.
     pub datapath_ns: u32,
     /// Median over rounds of the average ns/run with the empty target.
     pub calibration_ns: u32,
-    /// `datapath_ns - calibration_ns`: the cost of `lb_tc_pod` itself.
+    /// `datapath_ns - calibration_ns`: the cost of the program itself.
     pub ns_per_packet: i64,
 }
 
@@ -91,7 +106,7 @@ pub struct Bench {
 }
 
 enum Target {
-    Datapath,
+    Datapath(Program),
     Empty,
 }
 
@@ -103,13 +118,23 @@ fn bench_error(case: &str, detail: impl Into<String>) -> PacketError {
 }
 
 impl Bench {
-    /// Loads `lb_agent::EBPF_BENCH_OBJECT` and its two programs.
+    /// Loads `lb_agent::EBPF_BENCH_OBJECT` and its TC and XDP wrappers.
     pub fn load(datapath: Datapath) -> Result<Self> {
         let mut harness = EbpfLoader::new()
             .load(lb_agent::EBPF_BENCH_OBJECT)
             .map_err(PacketError::LoadObject)?;
         for name in [PROG_BENCH_RUN, PROG_BENCH_EMPTY] {
             let program: &mut SchedClassifier = harness
+                .program_mut(name)
+                .ok_or(PacketError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| PacketError::ProgramType { name, source })?;
+            program
+                .load()
+                .map_err(|source| PacketError::LoadProgram { name, source })?;
+        }
+        for name in [PROG_BENCH_XDP_RUN, PROG_BENCH_XDP_EMPTY] {
+            let program: &mut Xdp = harness
                 .program_mut(name)
                 .ok_or(PacketError::MissingProgram { name })?
                 .try_into()
@@ -133,29 +158,61 @@ impl Bench {
             .map_err(|source| PacketError::ProgramType { name, source })
     }
 
-    fn set_target(&mut self, target: Target) -> Result<()> {
-        let (name, program) = match target {
-            Target::Datapath => (lb_common::names::PROG_TC_POD, self.datapath.program()?),
-            Target::Empty => (PROG_BENCH_EMPTY, self.program(PROG_BENCH_EMPTY)?),
+    fn xdp_program(&self, name: &'static str) -> Result<&Xdp> {
+        self.harness
+            .program(name)
+            .ok_or(PacketError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| PacketError::ProgramType { name, source })
+    }
+
+    /// Puts `target` into the slot of the wrapper for programs like `under_test`.
+    fn set_target(&mut self, under_test: Program, target: Target) -> Result<()> {
+        let xdp = under_test.is_xdp();
+        let (name, fd) = match (target, xdp) {
+            (Target::Datapath(program), true) => (
+                program.name(),
+                self.datapath.xdp()?.fd().map(|fd| fd.try_clone()),
+            ),
+            (Target::Datapath(program), false) => (
+                program.name(),
+                self.datapath
+                    .classifier(program)?
+                    .fd()
+                    .map(|fd| fd.try_clone()),
+            ),
+            (Target::Empty, true) => (
+                PROG_BENCH_XDP_EMPTY,
+                self.xdp_program(PROG_BENCH_XDP_EMPTY)?
+                    .fd()
+                    .map(|fd| fd.try_clone()),
+            ),
+            (Target::Empty, false) => (
+                PROG_BENCH_EMPTY,
+                self.program(PROG_BENCH_EMPTY)?
+                    .fd()
+                    .map(|fd| fd.try_clone()),
+            ),
         };
-        let fd = program
-            .fd()
+        let fd = fd
             .map_err(|source| PacketError::LoadProgram { name, source })?
-            .try_clone()
             .map_err(|error| bench_error("setup", format!("duplicating a program fd: {error}")))?;
+        let slot = if xdp {
+            MAP_BENCH_XDP_TARGET
+        } else {
+            MAP_BENCH_TARGET
+        };
         let map = self
             .harness
-            .map_mut(MAP_BENCH_TARGET)
-            .ok_or(PacketError::MissingMap {
-                name: MAP_BENCH_TARGET,
-            })?;
+            .map_mut(slot)
+            .ok_or(PacketError::MissingMap { name: slot })?;
         let mut slots = ProgramArray::try_from(map).map_err(|source| PacketError::Map {
-            name: MAP_BENCH_TARGET,
+            name: slot,
             operation: "open",
             source,
         })?;
         slots.set(0, &fd, 0).map_err(|source| PacketError::Map {
-            name: MAP_BENCH_TARGET,
+            name: slot,
             operation: "set",
             source,
         })
@@ -192,22 +249,37 @@ impl Bench {
         })
     }
 
-    /// One test run of the wrapper: (average ns/run, verdict of the last
-    /// run, output of the last run).
-    fn run(&self, frame: &[u8], repeat: u32) -> Result<(u32, u32, Vec<u8>)> {
+    /// One test run of the wrapper for `case`'s program: (average ns/run,
+    /// verdict of the last run, output of the last run).
+    fn run(&self, case: &BenchCase, repeat: u32) -> Result<(u32, u32, Vec<u8>)> {
+        let xdp = case.program.is_xdp();
         let mut out = vec![0u8; 4096];
-        let result = self
-            .program(PROG_BENCH_RUN)?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| PacketError::TestRun {
-                name: PROG_BENCH_RUN,
-                source,
-            })?;
+        let ctx = case.ifindex.map(|ifindex| {
+            if xdp {
+                xdp_test_context(ifindex, case.frame.len())
+            } else {
+                tc_test_context(ifindex)
+            }
+        });
+        let options = TestRunOptions {
+            data_in: Some(&case.frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let (name, result) = if xdp {
+            (
+                PROG_BENCH_XDP_RUN,
+                self.xdp_program(PROG_BENCH_XDP_RUN)?.test_run(options),
+            )
+        } else {
+            (
+                PROG_BENCH_RUN,
+                self.program(PROG_BENCH_RUN)?.test_run(options),
+            )
+        };
+        let result = result.map_err(|source| PacketError::TestRun { name, source })?;
         out.truncate(result.data_size_out as usize);
         let ns = u32::try_from(result.duration.as_nanos()).unwrap_or(u32::MAX);
         Ok((ns, result.return_value, out))
@@ -222,17 +294,18 @@ impl Bench {
         // in the map across rounds (and calibration runs), so no address
         // repeats and every datapath run stays a new flow.
         self.set_input(case)?;
+        let empty_verdict = if case.program.is_xdp() { XDP_PASS } else { 0 };
         for _ in 0..rounds {
-            self.set_target(Target::Datapath)?;
+            self.set_target(case.program, Target::Datapath(case.program))?;
             let before = self.datapath.counters()?;
-            let (ns, verdict, output) = self.run(&case.frame, runs)?;
+            let (ns, verdict, output) = self.run(case, runs)?;
             let after = self.datapath.counters()?;
             check_outcome(case, runs, &before, &after, verdict, &output)?;
             datapath_ns.push(ns);
 
-            self.set_target(Target::Empty)?;
-            let (ns, verdict, _) = self.run(&case.frame, runs)?;
-            if verdict != 0 {
+            self.set_target(case.program, Target::Empty)?;
+            let (ns, verdict, _) = self.run(case, runs)?;
+            if verdict != empty_verdict {
                 return Err(bench_error(
                     &case.name,
                     format!("calibration verdict {verdict:#x}, the tail call failed"),
@@ -265,8 +338,10 @@ fn check_outcome(
     output: &[u8],
 ) -> Result<()> {
     let deltas = after.since(before);
-    let expected = [(case.expected_counter.name(), u64::from(runs))]
-        .into_iter()
+    let expected = case
+        .expected_counters
+        .iter()
+        .map(|counter| (counter.name(), u64::from(runs)))
         .collect();
     if deltas != expected {
         return Err(bench_error(
@@ -297,6 +372,9 @@ fn check_outcome(
     }
     Ok(())
 }
+
+/// `XDP_PASS`, the empty XDP target's verdict.
+const XDP_PASS: u32 = super::datapath::XDP_PASS;
 
 fn median(values: &mut [u32]) -> u32 {
     values.sort_unstable();

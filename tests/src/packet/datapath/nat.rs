@@ -36,6 +36,13 @@ impl Datapath {
             .collect()
     }
 
+    pub fn remove_snat(&mut self, key: &SnatKey) -> Result<()> {
+        let name = names::MAP_SNAT;
+        self.hash_map_mut::<SnatKey, SnatValue>(name)?
+            .remove(key)
+            .map_err(map_error(name, "remove"))
+    }
+
     /// Removes every entry of `LB_SNAT` and returns how many there were.
     pub fn clear_snat(&mut self) -> Result<usize> {
         let entries = self.snat_entries()?;
