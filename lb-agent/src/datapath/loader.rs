@@ -766,3 +766,41 @@ pub fn unpin(pin_dir: &Path) -> Result<(), LoadError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::sys::SyscallError;
+
+    #[test]
+    fn generic_xdp_is_tried_when_the_kernel_refuses_native_mode() {
+        // What a driver without native XDP answers bpf_link_create with.
+        let refused = ProgramError::SyscallError(SyscallError {
+            call: "bpf_link_create",
+            io_error: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        });
+        assert!(xdp_generic_fallback(&refused));
+    }
+
+    #[test]
+    fn generic_xdp_is_not_tried_for_a_missing_interface_or_program() {
+        let missing = ProgramError::UnknownInterface {
+            name: CString::new("nope0").unwrap(),
+        };
+        assert!(!xdp_generic_fallback(&missing));
+        assert!(!xdp_generic_fallback(&ProgramError::IOError(
+            io::Error::from_raw_os_error(libc::EPERM)
+        )));
+        assert!(!xdp_generic_fallback(&ProgramError::NotLoaded));
+    }
+
+    #[test]
+    fn addresses_are_written_in_network_byte_order() {
+        let addr = addr_be(Ipv4Addr::new(198, 18, 254, 2));
+        assert_eq!(addr.to_ne_bytes(), [198, 18, 254, 2]);
+        assert_eq!(
+            addr_be(Ipv4Addr::from(defaults::HAIRPIN_ADDR)),
+            DatapathConfig::DEFAULT.hairpin_addr
+        );
+    }
+}
