@@ -784,25 +784,34 @@ impl<M: MapOps> Writer<M> {
             self.program_service(id, name, port, &usable, &mut report);
         }
 
-        // Step 3: deleted frontends, then slots no count covers.
+        // Step 3: deleted frontends, then slots no count covers. A
+        // frontend that moved to another service port whose step 2 failed
+        // still carries its old id, and that id's old count, slots and
+        // table, which no longer hold: it goes too (the retry adds it).
+        let stale = |value: &ServiceValue, owner: Option<&ServicePortName>| {
+            owner.is_none_or(|owner| self.service_ids.get(owner) != Some(&value.id))
+        };
         let stale_frontends: Vec<ServiceKey> = match &scope {
             None => {
-                let desired_frontends: BTreeSet<ServiceKey> = desired
+                let desired_frontends: BTreeMap<ServiceKey, &ServicePortName> = desired
                     .frontends()
-                    .map(|(frontend, _)| frontend.key())
+                    .map(|(frontend, owner)| (frontend.key(), owner))
                     .collect();
                 self.programmed
                     .services
-                    .keys()
-                    .filter(|key| !desired_frontends.contains(key))
-                    .copied()
+                    .iter()
+                    .filter(|(key, value)| stale(value, desired_frontends.get(key).copied()))
+                    .map(|(key, _)| *key)
                     .collect()
             }
             Some(scope) => scope
                 .old_frontends
                 .iter()
                 .filter(|(key, frontend)| {
-                    desired.owner(frontend).is_none() && self.programmed.services.contains_key(key)
+                    self.programmed
+                        .services
+                        .get(key)
+                        .is_some_and(|value| stale(value, desired.owner(frontend)))
                 })
                 .map(|(key, _)| *key)
                 .collect(),
@@ -1763,7 +1772,9 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{Frontend, Readiness, ServicePort, Traffic};
+    use crate::model::{Frontend, FrontendKind, Readiness, ServicePort, SourceRanges, Traffic};
+    use lb_common::backend::BACKEND_F_LOCAL;
+    use lb_common::service::SERVICE_F_EXTERNAL;
 
     /// An in-memory map set that records every write, checks the
     /// datapath's invariants after each one, and can refuse writes.
@@ -1775,6 +1786,9 @@ mod tests {
         /// Refuse inserting a new key once a map holds this many.
         slot_capacity: Option<usize>,
         service_capacity: Option<usize>,
+        source_range_capacity: Option<usize>,
+        /// Refuse every write to this map.
+        broken_map: Option<&'static str>,
         highest_flow_service_id: u32,
         /// Entries of `LB_MAGLEV`; tests use tables of [`TEST_MAGLEV_SIZE`].
         maglev_capacity: u32,
@@ -1806,7 +1820,17 @@ mod tests {
 
     impl MapOps for FakeMaps {
         fn write(&mut self, write: &MapWrite) -> Result<(), MapWriteError> {
+            if self.broken_map == Some(write.map()) {
+                return Err(Self::full(write.map()));
+            }
             match write {
+                MapWrite::SourceRange { key }
+                    if !self.contents.source_ranges.contains(key)
+                        && Some(self.contents.source_ranges.len())
+                            == self.source_range_capacity =>
+                {
+                    return Err(Self::full(MAP_SOURCE_RANGES));
+                }
                 MapWrite::Slot { key, .. }
                     if !self.contents.slots.contains_key(key)
                         && Some(self.contents.slots.len()) == self.slot_capacity =>
@@ -2791,6 +2815,230 @@ mod tests {
         assert_eq!(maglev_table(&node_a, web), maglev_table(&node_b, web));
     }
 
+    fn cidr(s: &str) -> Ipv4Cidr {
+        s.parse().unwrap()
+    }
+
+    /// `web` with a ClusterIP, a NodePort and a load-balancer frontend,
+    /// backend 10, and `ranges`.
+    fn external_web(ranges: SourceRanges) -> DesiredState {
+        let mut desired = DesiredState::new();
+        desired.insert(
+            name("web"),
+            ServicePort {
+                frontends: [
+                    (frontend(1, 80), FrontendKind::ClusterIp),
+                    (frontend(2, 30080), FrontendKind::NodePort),
+                    (frontend(3, 80), FrontendKind::LoadBalancer),
+                ]
+                .into(),
+                backends: [(pod(10), Readiness::Ready)].into(),
+                source_ranges: ranges,
+                ..ServicePort::default()
+            },
+        );
+        desired
+    }
+
+    #[test]
+    fn frontends_of_one_id_get_their_kinds_flags() {
+        let mut writer = writer();
+        writer.apply(&external_web(SourceRanges::Only(
+            [cidr("198.18.254.100/32")].into(),
+        )));
+        let services = &writer.maps.contents.services;
+        let id = writer.service_id(&name("web")).unwrap();
+        let flags = |f: Frontend| {
+            let value = services[&f.key()];
+            assert_eq!(value.id, id);
+            assert_eq!(value.backend_count, 1);
+            value.flags
+        };
+        assert_eq!(flags(frontend(1, 80)), 0);
+        assert_eq!(flags(frontend(2, 30080)), SERVICE_F_EXTERNAL);
+        assert_eq!(
+            flags(frontend(3, 80)),
+            SERVICE_F_EXTERNAL | SERVICE_F_SOURCE_RANGES
+        );
+        assert_eq!(
+            writer.maps.contents.source_ranges,
+            [SourceRangeKey {
+                service_id: id,
+                range: cidr("198.18.254.100/32")
+            }]
+            .into()
+        );
+    }
+
+    /// Positions of the first write matching each predicate in `log`.
+    fn position(log: &[MapWrite], matches: impl Fn(&MapWrite) -> bool) -> usize {
+        log.iter()
+            .position(matches)
+            .unwrap_or_else(|| panic!("no such write in {log:#?}"))
+    }
+
+    #[test]
+    fn source_ranges_are_in_place_before_a_frontend_checks_them() {
+        let mut writer = writer();
+        let lb = frontend(3, 80).key();
+        let only = |ranges: &[&str]| SourceRanges::Only(ranges.iter().map(|r| cidr(r)).collect());
+        let lb_write = |flagged: bool| {
+            move |w: &MapWrite| {
+                matches!(w, MapWrite::Service { key, value } if *key == lb
+                    && (value.flags & SERVICE_F_SOURCE_RANGES != 0) == flagged)
+            }
+        };
+        let added = |range: &'static str| move |w: &MapWrite| matches!(w, MapWrite::SourceRange { key } if key.range == cidr(range));
+        let deleted = |range: &'static str| move |w: &MapWrite| matches!(w, MapWrite::DeleteSourceRange { key } if key.range == cidr(range));
+
+        // A new restricted Service: its range before its frontends.
+        writer.apply(&external_web(only(&["198.18.254.0/24"])));
+        let log = take_log(&mut writer);
+        assert!(position(&log, added("198.18.254.0/24")) < position(&log, lb_write(true)));
+
+        // Another range: added, then the old one deleted; the frontend
+        // (flagged all along) is not rewritten.
+        writer.apply(&external_web(only(&["198.18.255.0/24"])));
+        let log = take_log(&mut writer);
+        assert!(
+            position(&log, added("198.18.255.0/24")) < position(&log, deleted("198.18.254.0/24"))
+        );
+        assert!(!log.iter().any(|w| matches!(w, MapWrite::Service { .. })));
+
+        // Unrestricted: the flag goes first, then the range.
+        writer.apply(&external_web(SourceRanges::Any));
+        let log = take_log(&mut writer);
+        assert!(position(&log, lb_write(false)) < position(&log, deleted("198.18.255.0/24")));
+        assert!(writer.maps.contents.source_ranges.is_empty());
+
+        // Fail closed: restricted to nobody is a flag and no range.
+        writer.apply(&external_web(only(&[])));
+        assert!(writer.maps.contents.services[&lb].flags & SERVICE_F_SOURCE_RANGES != 0);
+        assert!(writer.maps.contents.source_ranges.is_empty());
+
+        // Restricted again, then deleted: the frontend goes before its range.
+        writer.apply(&external_web(only(&["198.18.254.0/24"])));
+        take_log(&mut writer);
+        writer.apply(&DesiredState::new());
+        let log = take_log(&mut writer);
+        assert!(
+            position(
+                &log,
+                |w| matches!(w, MapWrite::DeleteService { key } if *key == lb)
+            ) < position(&log, deleted("198.18.254.0/24"))
+        );
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+        assert_eq!(writer.maps.contents, MapContents::default());
+    }
+
+    #[test]
+    fn a_range_stays_while_a_frontend_still_checks_it() {
+        let mut writer = writer();
+        let lb = frontend(3, 80).key();
+        let ranges = SourceRanges::Only([cidr("198.18.254.0/24")].into());
+        writer.apply(&external_web(ranges.clone()));
+        // Clearing the flag fails: the range must stay, or the frontend
+        // would refuse the clients it admitted.
+        writer.maps.broken_map = Some(MAP_SERVICES);
+        let report = writer.apply(&external_web(SourceRanges::Any));
+        assert!(report.failures > 0);
+        assert!(writer.maps.contents.services[&lb].flags & SERVICE_F_SOURCE_RANGES != 0);
+        assert_eq!(writer.maps.contents.source_ranges.len(), 1);
+        // The retry clears the flag, then the range.
+        writer.maps.broken_map = None;
+        let report = writer.apply(&external_web(SourceRanges::Any));
+        assert_eq!(report.failures, 0);
+        assert_eq!(writer.maps.contents.services[&lb].flags, SERVICE_F_EXTERNAL);
+        assert!(writer.maps.contents.source_ranges.is_empty());
+        // A range that cannot be written leaves the frontend unflagged
+        // (unrestricted, as it was) rather than restricted without it.
+        writer.maps.broken_map = Some(MAP_SOURCE_RANGES);
+        assert!(writer.apply(&external_web(ranges)).failures > 0);
+        assert_eq!(writer.maps.contents.services[&lb].flags, SERVICE_F_EXTERNAL);
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn a_frontend_whose_new_owner_fails_does_not_keep_its_old_id() {
+        let mut writer = writer();
+        let shared = frontend(1, 80);
+        writer.apply(&state(&[("a", shared, &[(10, true)])]));
+        let a_id = writer.service_id(&name("a")).unwrap();
+        assert_eq!(writer.maps.contents.services[&shared.key()].id, a_id);
+        // The frontend moves from a to b, whose slots cannot be written:
+        // it must not keep sending b's clients to a's backends.
+        writer.maps.broken_map = Some(MAP_SLOTS);
+        let moved = state(&[
+            ("a", frontend(2, 80), &[(10, true)]),
+            ("b", shared, &[(20, true)]),
+        ]);
+        assert!(writer.apply(&moved).failures > 0);
+        assert!(!writer.maps.contents.services.contains_key(&shared.key()));
+        writer.maps.broken_map = None;
+        assert_eq!(writer.apply(&moved).failures, 0);
+        let b_id = writer.service_id(&name("b")).unwrap();
+        assert_eq!(writer.maps.contents.services[&shared.key()].id, b_id);
+        assert_eq!(selectable(&writer, shared), [20]);
+    }
+
+    #[test]
+    fn local_backends_are_flagged_by_address() {
+        let mut writer = writer();
+        let web = frontend(1, 80);
+        let with_local = |local: &[u8]| {
+            let mut desired = state(&[("web", web, &[(10, true), (11, true)])]);
+            let mut port = desired.service(&name("web")).unwrap().clone();
+            port.local_addresses = local.iter().map(|last| *pod(*last).ip()).collect();
+            desired.insert(name("web"), port);
+            desired
+        };
+        let flags = |writer: &Writer<FakeMaps>, last| {
+            writer.maps.contents.backends[&backend_id(writer, last)].flags
+        };
+        writer.apply(&with_local(&[10]));
+        assert_eq!(flags(&writer, 10), BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
+        assert_eq!(flags(&writer, 11), BACKEND_F_ACTIVE);
+        // The endpoint moves: only the backend entries are rewritten.
+        take_log(&mut writer);
+        writer.apply(&with_local(&[11]));
+        let log = take_log_without_members(&mut writer);
+        assert_eq!(log.len(), 2, "{log:#?}");
+        assert!(log.iter().all(|w| matches!(w, MapWrite::Backend { .. })));
+        assert_eq!(flags(&writer, 10), BACKEND_F_ACTIVE);
+        assert_eq!(flags(&writer, 11), BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
+        // A second service port listing it as local is enough (one
+        // address, one locality).
+        let mut desired = with_local(&[]);
+        desired.insert(
+            name("alt"),
+            ServicePort {
+                frontends: [frontend(2, 80)].into(),
+                backends: [(pod(11), Readiness::Ready)].into(),
+                local_addresses: [*pod(11).ip()].into(),
+                ..ServicePort::default()
+            },
+        );
+        writer.apply(&desired);
+        assert_eq!(flags(&writer, 11), BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn lpm_keys_round_trip() {
+        let key = SourceRangeKey {
+            service_id: 0x0102_0304,
+            range: cidr("198.18.254.0/24"),
+        };
+        let (prefix_len, data) = key.lpm();
+        assert_eq!(prefix_len, 32 + 24);
+        // The service id big-endian, then the address in network order:
+        // the trie matches the id whole, then the range's prefix.
+        assert_eq!(data.service_id_be.to_ne_bytes(), [1, 2, 3, 4]);
+        assert_eq!(data.addr.to_ne_bytes(), [198, 18, 254, 0]);
+        assert_eq!(SourceRangeKey::from_lpm(prefix_len, data), Some(key));
+        assert_eq!(SourceRangeKey::from_lpm(16, data), None);
+    }
+
     /// A small deterministic generator (xorshift64*), so the randomized
     /// tests are reproducible without a dependency.
     struct Rng(u64);
@@ -2816,8 +3064,31 @@ mod tests {
     /// service ports share backends (beyond `LB_REVNAT`'s capacity at
     /// times), trade frontends, and collide on them.
     fn random_port(rng: &mut Rng, pods: u64) -> ServicePort {
+        let kinds = [
+            FrontendKind::ClusterIp,
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+        ];
         let frontends = (0..1 + rng.below(2))
-            .map(|_| frontend(1 + rng.below(16) as u8, 80))
+            .map(|_| {
+                let kind = kinds[rng.below(4) as usize];
+                (frontend(1 + rng.below(16) as u8, 80), kind)
+            })
+            .collect();
+        let source_ranges = match rng.below(4) {
+            0 => SourceRanges::Only(
+                (0..rng.below(3))
+                    .map(|_| {
+                        Ipv4Cidr::new(Ipv4Addr::new(198, 18, 254, 0), 30 + rng.below(3) as u8)
+                            .unwrap()
+                    })
+                    .collect(),
+            ),
+            _ => SourceRanges::Any,
+        };
+        let local_addresses = (0..rng.below(3))
+            .map(|_| *pod(10 + rng.below(pods) as u8).ip())
             .collect();
         let backends = (0..rng.below(7))
             .map(|_| {
@@ -2840,7 +3111,8 @@ mod tests {
             affinity_timeout: rng.chance(20).then_some(60),
             selection,
             drop_without_backend: rng.chance(20),
-            ..ServicePort::default()
+            local_addresses,
+            source_ranges,
         }
     }
 
@@ -2904,6 +3176,12 @@ mod tests {
                 .then(|| full.maps.contents.slots.len() + 1);
             incremental.maps.slot_capacity = slot_capacity;
             full.maps.slot_capacity = slot_capacity;
+            // And a full source range map refuses new ranges.
+            let source_range_capacity = rng
+                .chance(failure_percent)
+                .then(|| full.maps.contents.source_ranges.len());
+            incremental.maps.source_range_capacity = source_range_capacity;
+            full.maps.source_range_capacity = source_range_capacity;
 
             let desired = desired_state(&ports);
             if !incremental.full_next {
