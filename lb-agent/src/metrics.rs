@@ -21,7 +21,10 @@
 //! carry the labels `namespace`, `name` (the Service's), `port` (the
 //! Service port's name, empty for an unnamed port) and `protocol`; backend
 //! series `address`, `port` (the backend's number) and `protocol`, and
-//! count over every Service port that lists the backend:
+//! count over every Service port that lists the backend. A Service port
+//! whose external frontends have their own service id (its
+//! `externalTrafficPolicy` differs from its `internalTrafficPolicy`) has
+//! one series, the sum of both ids:
 //!
 //! | Metric | Type | Meaning |
 //! |---|---|---|
@@ -37,11 +40,12 @@
 //! (its slot in the per-CPU map is zeroed when the id is handed out), and
 //! only grows while it stays programmed.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use lb_common::names::{MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS};
+use lb_common::names::{MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES};
 use lb_common::stats::{BackendStats, DropReason, ServiceStats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -197,6 +201,7 @@ impl Metrics {
             (MAP_SLOTS, capacities.slots),
             (MAP_BACKENDS, capacities.backends),
             (MAP_REVNAT, capacities.backends),
+            (MAP_SOURCE_RANGES, capacities.source_ranges),
         ] {
             self.map_capacity
                 .get_or_create(&[("map", map)])
@@ -219,6 +224,7 @@ impl Metrics {
             (MAP_SLOTS, programmed.slots.len()),
             (MAP_BACKENDS, programmed.backends.len()),
             (MAP_REVNAT, programmed.revnat.len()),
+            (MAP_SOURCE_RANGES, programmed.source_ranges.len()),
         ] {
             self.map_entries
                 .get_or_create(&[("map", map)])
@@ -378,26 +384,35 @@ impl Collector for DatapathCounters {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        // A failed read leaves that id's series out of this scrape (and
-        // says so) rather than failing every metric.
-        let services: Vec<([(&str, &str); 4], ServiceStats)> = ids
-            .service_ports
-            .iter()
-            .filter_map(|(name, id)| match reader.service_stats(*id) {
-                Ok(stats) => Some((
-                    [
-                        ("namespace", name.namespace.as_str()),
-                        ("name", name.name.as_str()),
-                        ("port", name.port_name.as_str()),
-                        ("protocol", name.proto.name()),
-                    ],
-                    stats,
-                )),
+        // A failed read leaves that Service port's series out of this
+        // scrape (and says so) rather than failing every metric. The ids
+        // of one Service port (internal and external traffic) are summed.
+        let mut by_port: BTreeMap<[(&str, &str); 4], Option<ServiceStats>> = BTreeMap::new();
+        for (name, id) in &ids.service_ports {
+            let labels = [
+                ("namespace", name.namespace.as_str()),
+                ("name", name.name.as_str()),
+                ("port", name.port_name.as_str()),
+                ("protocol", name.proto.name()),
+            ];
+            let sum = by_port
+                .entry(labels)
+                .or_insert_with(|| Some(ServiceStats::default()));
+            match reader.service_stats(*id) {
+                Ok(stats) => {
+                    if let Some(sum) = sum {
+                        sum.add(&stats);
+                    }
+                }
                 Err(error) => {
                     warn!("/metrics: counters of {name}: {}", error_chain(&error));
-                    None
+                    *sum = None;
                 }
-            })
+            }
+        }
+        let services: Vec<([(&str, &str); 4], ServiceStats)> = by_port
+            .into_iter()
+            .filter_map(|(labels, stats)| Some((labels, stats?)))
             .collect();
         let backends: Vec<([(&str, String); 3], BackendStats)> = ids
             .backends
@@ -617,6 +632,22 @@ mod tests {
                 (port("default", "web", "http", Protocol::Tcp), 7),
                 (port("kube-system", "dns", "", Protocol::Udp), 3),
                 (port("default", "broken", "", Protocol::Tcp), 13),
+                // The external traffic of web has its own id: summed.
+                (
+                    ServicePortName {
+                        traffic: crate::model::Traffic::External,
+                        ..port("default", "web", "http", Protocol::Tcp)
+                    },
+                    20,
+                ),
+                // One unreadable id leaves its Service port out whole.
+                (
+                    ServicePortName {
+                        traffic: crate::model::Traffic::External,
+                        ..port("default", "broken", "", Protocol::Tcp)
+                    },
+                    21,
+                ),
             ],
             backends: vec![ProgrammedBackend {
                 id: 2,
@@ -635,12 +666,12 @@ mod tests {
         let backend = r#"address="198.18.0.10",port="8080",protocol="tcp""#;
         for line in [
             "# TYPE lb_agent_service_packets counter".to_owned(),
-            format!(r#"lb_agent_service_packets_total{{{web},direction="to_backend"}} 7"#),
-            format!(r#"lb_agent_service_packets_total{{{web},direction="to_client"}} 8"#),
-            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_backend"}} 700"#),
-            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_client"}} 701"#),
-            format!("lb_agent_service_new_flows_total{{{web}}} 9"),
-            format!(r#"lb_agent_service_drops_total{{{web},reason="no_backend"}} 11"#),
+            format!(r#"lb_agent_service_packets_total{{{web},direction="to_backend"}} 27"#),
+            format!(r#"lb_agent_service_packets_total{{{web},direction="to_client"}} 29"#),
+            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_backend"}} 2700"#),
+            format!(r#"lb_agent_service_bytes_total{{{web},direction="to_client"}} 2702"#),
+            format!("lb_agent_service_new_flows_total{{{web}}} 31"),
+            format!(r#"lb_agent_service_drops_total{{{web},reason="no_backend"}} 35"#),
             format!(r#"lb_agent_service_drops_total{{{web},reason="conntrack_full"}} 0"#),
             format!(r#"lb_agent_service_packets_total{{{dns},direction="to_backend"}} 3"#),
             format!("lb_agent_service_new_flows_total{{{dns}}} 5"),
