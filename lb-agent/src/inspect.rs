@@ -6,25 +6,34 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use lb_common::affinity::{Affinity, AffinityKey};
-use lb_common::backend::{BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat};
+use lb_common::backend::{
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat,
+};
 use lb_common::conntrack::{
-    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, FLOW_F_RST, Flow, FlowKey,
+    FLOW_F_EXTERNAL, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_HAIRPIN, FLOW_F_REPLY_SEEN,
+    FLOW_F_RST, FLOW_F_SNAT, Flow, FlowKey,
 };
 use lb_common::counters::Counter;
 use lb_common::names::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES,
 };
-use lb_common::service::{SERVICE_F_MAGLEV, ServiceKey, ServiceValue, Slot, SlotKey};
+use lb_common::nat::{SnatKey, SnatValue, SourceRange};
+use lb_common::service::{
+    SERVICE_F_DROP, SERVICE_F_EXTERNAL, SERVICE_F_MAGLEV, SERVICE_F_REJECT,
+    SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, Slot, SlotKey,
+};
 use lb_common::stats::{BackendStats, DropReason, ServiceStats};
 
 use crate::datapath::maps::{
-    AyaMaps, OpenMapError, open_pinned, read_backend_stats, read_service_stats, typed,
+    AyaMaps, OpenMapError, open_pinned, read_backend_stats, read_service_stats, read_source_ranges,
+    typed,
 };
-use crate::datapath::writer::{MapReadError, Writer};
+use crate::datapath::writer::{MapReadError, SourceRangeKey, Writer};
 use crate::model::ServicePortName;
 
 /// One frontend and the backends of its service id.
@@ -36,6 +45,13 @@ pub struct ServiceEntry {
     pub service_id: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u16,
+    /// The bits of `flags` by name: `external` (a NodePort, load-balancer
+    /// or external IP frontend), `source_ranges`, `maglev`, `drop`,
+    /// `reject`.
+    pub flag_names: Vec<String>,
+    /// With `source_ranges`: the client ranges admitted (`LB_SRC_RANGES`
+    /// entries of its service id; none admits nobody).
+    pub source_ranges: Vec<String>,
     /// "random" or "maglev".
     pub selection: String,
     /// ClientIP affinity timeout, seconds (0: none).
@@ -146,6 +162,8 @@ pub struct BackendEntry {
     pub ready: bool,
     /// `BACKEND_F_*` bits of its `LB_BACKENDS` entry.
     pub backend_flags: u8,
+    /// On this node (`BACKEND_F_LOCAL`).
+    pub local: bool,
     /// Traffic counters of the backend (id 0: unknown, zero).
     pub counters: BackendCounters,
 }
@@ -163,8 +181,31 @@ pub struct FlowEntry {
     /// Seconds since the flow's last packet (as the datapath records it:
     /// at most once a second).
     pub idle_secs: u32,
-    /// `reply_seen`, `fin_client`, `fin_backend`, `rst`.
+    /// `reply_seen`, `fin_client`, `fin_backend`, `rst`, `snat`,
+    /// `hairpin`, `external`.
     pub flags: Vec<String>,
+    /// With `snat`: the translated source port.
+    pub nat_port: Option<u16>,
+}
+
+/// One source-translated flow's `LB_SNAT` entry: replies from `backend`
+/// to the translated port belong to the flow of `client`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnatEntry {
+    /// "tcp" or "udp".
+    pub proto: String,
+    pub backend: SocketAddrV4,
+    pub nat_port: u16,
+    pub client: SocketAddrV4,
+    pub service_id: u32,
+}
+
+/// One `LB_SRC_RANGES` entry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceRangeEntry {
+    pub service_id: u32,
+    /// `a.b.c.d/n`.
+    pub range: String,
 }
 
 /// Reading the pinned maps failed.
@@ -216,6 +257,21 @@ fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(entries)
 }
 
+/// The names of `SERVICE_F_*` bits.
+pub fn service_flag_names(flags: u16) -> Vec<String> {
+    [
+        (SERVICE_F_EXTERNAL, "external"),
+        (SERVICE_F_SOURCE_RANGES, "source_ranges"),
+        (SERVICE_F_MAGLEV, "maglev"),
+        (SERVICE_F_DROP, "drop"),
+        (SERVICE_F_REJECT, "reject"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name.to_owned())
+    .collect()
+}
+
 /// Every frontend with its backends, ordered by frontend.
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
     let services: HashMap<MapData, ServiceKey, ServiceValue> =
@@ -240,9 +296,20 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
         )?))
     };
 
+    let source_ranges: LpmTrie<MapData, SourceRange, u8> =
+        typed(open_pinned(pin_dir, MAP_SOURCE_RANGES)?, MAP_SOURCE_RANGES)?;
+
     let services = read_hash(&services, MAP_SERVICES)?;
     let slots = read_hash(&slots, MAP_SLOTS)?;
     let revnat = read_hash(&revnat, MAP_REVNAT)?;
+    let source_ranges = read_source_ranges(&source_ranges)?;
+    let ranges_of = |service_id: u32| -> Vec<String> {
+        source_ranges
+            .iter()
+            .filter(|key| key.service_id == service_id)
+            .map(|key| key.range.to_string())
+            .collect()
+    };
 
     // Backend ids of the addresses `LB_REVNAT` lists. Ids are dense (the
     // agent reuses the lowest free one), so the walk stops early.
@@ -299,6 +366,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
                 addr: socket(b.addr, b.port),
                 ready: true,
                 backend_flags: b.flags,
+                local: b.flags & BACKEND_F_LOCAL != 0,
                 counters: backend_counters(entry.backend_id)?,
             });
         }
@@ -318,6 +386,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
                 addr: socket(addr.addr, addr.port),
                 ready: false,
                 backend_flags: flags,
+                local: flags & BACKEND_F_LOCAL != 0,
                 counters: backend_counters(id)?,
             });
         }
@@ -328,6 +397,12 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceEntry>, InspectError> {
             proto: proto_name(key.proto),
             service_id: value.id,
             flags: value.flags,
+            flag_names: service_flag_names(value.flags),
+            source_ranges: if value.flags & SERVICE_F_SOURCE_RANGES != 0 {
+                ranges_of(value.id)
+            } else {
+                Vec::new()
+            },
             selection: if value.flags & SERVICE_F_MAGLEV != 0 {
                 "maglev"
             } else {
@@ -362,6 +437,9 @@ fn flow_flags(flags: u8) -> Vec<String> {
         (FLOW_F_FIN_CLIENT, "fin_client"),
         (FLOW_F_FIN_BACKEND, "fin_backend"),
         (FLOW_F_RST, "rst"),
+        (FLOW_F_SNAT, "snat"),
+        (FLOW_F_HAIRPIN, "hairpin"),
+        (FLOW_F_EXTERNAL, "external"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -387,6 +465,7 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<FlowEntry>, InspectError> {
             idle_secs: u32::try_from(now.saturating_sub(u64::from(flow.last_seen)))
                 .unwrap_or(u32::MAX),
             flags: flow_flags(flow.flags),
+            nat_port: (flow.flags & FLOW_F_SNAT != 0).then(|| u16::from_be(flow.nat_port)),
         })
         .collect();
     entries.sort_by(|a, b| {
@@ -398,6 +477,66 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<FlowEntry>, InspectError> {
         ))
     });
     Ok(entries)
+}
+
+/// Every source-translated flow's `LB_SNAT` entry, ordered by protocol,
+/// backend and translated port.
+pub fn snat(pin_dir: &Path) -> Result<Vec<SnatEntry>, InspectError> {
+    let entries: HashMap<MapData, SnatKey, SnatValue> =
+        typed(open_pinned(pin_dir, MAP_SNAT)?, MAP_SNAT)?;
+    let mut entries: Vec<SnatEntry> = read_hash(&entries, MAP_SNAT)?
+        .iter()
+        .map(|(key, flow)| SnatEntry {
+            proto: proto_name(key.proto),
+            backend: socket(key.backend_addr, key.backend_port),
+            nat_port: u16::from_be(key.nat_port),
+            client: socket(flow.client_addr, flow.client_port),
+            service_id: flow.service_id,
+        })
+        .collect();
+    entries
+        .sort_by(|a, b| (&a.proto, a.backend, a.nat_port).cmp(&(&b.proto, b.backend, b.nat_port)));
+    Ok(entries)
+}
+
+/// Every `LB_SRC_RANGES` entry, ordered by service id and range.
+pub fn source_ranges(pin_dir: &Path) -> Result<Vec<SourceRangeEntry>, InspectError> {
+    let map: LpmTrie<MapData, SourceRange, u8> =
+        typed(open_pinned(pin_dir, MAP_SOURCE_RANGES)?, MAP_SOURCE_RANGES)?;
+    Ok(read_source_ranges(&map)?
+        .into_iter()
+        .map(|SourceRangeKey { service_id, range }| SourceRangeEntry {
+            service_id,
+            range: range.to_string(),
+        })
+        .collect())
+}
+
+/// Source-translated flows as a table.
+pub fn snat_table(entries: &[SnatEntry]) -> Table {
+    let mut table = table(&["PROTO", "BACKEND", "NAT PORT", "CLIENT", "SERVICE ID"]);
+    for entry in entries {
+        table.add_row(vec![
+            Cell::new(&entry.proto),
+            Cell::new(entry.backend),
+            Cell::new(entry.nat_port).set_alignment(CellAlignment::Right),
+            Cell::new(entry.client),
+            Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    table
+}
+
+/// Source ranges as a table.
+pub fn source_ranges_table(entries: &[SourceRangeEntry]) -> Table {
+    let mut table = table(&["SERVICE ID", "CLIENT RANGE"]);
+    for entry in entries {
+        table.add_row(vec![
+            Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
+            Cell::new(&entry.range),
+        ]);
+    }
+    table
 }
 
 /// Every session affinity, ordered by service id and client.
@@ -495,7 +634,12 @@ pub fn services_table(entries: &[ServiceEntry]) -> Table {
                 .backends
                 .iter()
                 .map(|backend| {
-                    let state = if backend.ready { "ready" } else { "not ready" };
+                    let state = match (backend.ready, backend.local) {
+                        (true, true) => "ready, local",
+                        (true, false) => "ready",
+                        (false, true) => "not ready, local",
+                        (false, false) => "not ready",
+                    };
                     let c = &backend.counters;
                     format!(
                         "{} #{} {state}: {} flows, {} pkts/{} B in, {} pkts/{} B out",
@@ -527,7 +671,7 @@ pub fn services_table(entries: &[ServiceEntry]) -> Table {
             Cell::new(entry.frontend),
             Cell::new(&entry.proto),
             Cell::new(entry.service_id).set_alignment(CellAlignment::Right),
-            Cell::new(format!("{:#x}", entry.flags)),
+            Cell::new(flags_cell(entry)),
             Cell::new(&entry.selection),
             Cell::new(entry.affinity_timeout).set_alignment(CellAlignment::Right),
             Cell::new(counters.join("\n")),
@@ -535,6 +679,23 @@ pub fn services_table(entries: &[ServiceEntry]) -> Table {
         ]);
     }
     table
+}
+
+/// `flags` by name (or `-`), then the admitted ranges of a restricted one.
+fn flags_cell(entry: &ServiceEntry) -> String {
+    let mut lines = if entry.flag_names.is_empty() {
+        vec!["-".to_owned()]
+    } else {
+        entry.flag_names.clone()
+    };
+    if entry.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        if entry.source_ranges.is_empty() {
+            lines.push("  (no client admitted)".to_owned());
+        } else {
+            lines.extend(entry.source_ranges.iter().map(|range| format!("  {range}")));
+        }
+    }
+    lines.join("\n")
 }
 
 /// Flows as a table.
@@ -548,6 +709,7 @@ pub fn conntrack_table(entries: &[FlowEntry]) -> Table {
         "BACKEND ID",
         "IDLE (s)",
         "FLAGS",
+        "NAT PORT",
     ]);
     for entry in entries {
         table.add_row(vec![
@@ -559,6 +721,12 @@ pub fn conntrack_table(entries: &[FlowEntry]) -> Table {
             Cell::new(entry.backend_id).set_alignment(CellAlignment::Right),
             Cell::new(entry.idle_secs).set_alignment(CellAlignment::Right),
             Cell::new(entry.flags.join(",")),
+            Cell::new(
+                entry
+                    .nat_port
+                    .map_or_else(String::new, |port| port.to_string()),
+            )
+            .set_alignment(CellAlignment::Right),
         ]);
     }
     table
@@ -587,6 +755,14 @@ mod tests {
             flow_flags(FLOW_F_REPLY_SEEN | FLOW_F_RST),
             ["reply_seen", "rst"]
         );
+        assert_eq!(
+            flow_flags(FLOW_F_SNAT | FLOW_F_HAIRPIN | FLOW_F_EXTERNAL),
+            ["snat", "hairpin", "external"]
+        );
+        assert_eq!(
+            service_flag_names(SERVICE_F_MAGLEV | SERVICE_F_EXTERNAL | SERVICE_F_DROP),
+            ["external", "maglev", "drop"]
+        );
     }
 
     #[test]
@@ -595,7 +771,9 @@ mod tests {
             frontend: "198.18.100.10:80".parse().unwrap(),
             proto: "tcp".into(),
             service_id: 3,
-            flags: 0,
+            flags: SERVICE_F_EXTERNAL | SERVICE_F_SOURCE_RANGES,
+            flag_names: service_flag_names(SERVICE_F_EXTERNAL | SERVICE_F_SOURCE_RANGES),
+            source_ranges: vec!["198.18.254.0/24".into()],
             selection: "random".into(),
             affinity_timeout: 0,
             counters: ServiceCounters::from(&ServiceStats {
@@ -608,7 +786,8 @@ mod tests {
                     id: 1,
                     addr: "198.18.0.10:8080".parse().unwrap(),
                     ready: true,
-                    backend_flags: 1,
+                    backend_flags: BACKEND_F_ACTIVE | BACKEND_F_LOCAL,
+                    local: true,
                     counters: BackendCounters::default(),
                 },
                 BackendEntry {
@@ -616,15 +795,34 @@ mod tests {
                     addr: "198.18.0.11:8080".parse().unwrap(),
                     ready: false,
                     backend_flags: 3,
+                    local: false,
                     counters: BackendCounters::default(),
                 },
             ],
         };
         let text = services_table(&[entry]).to_string();
         assert!(text.contains("198.18.100.10:80"));
-        assert!(text.contains("198.18.0.10:8080 #1 ready"));
+        assert!(text.contains("198.18.0.10:8080 #1 ready, local"));
+        assert!(text.contains("external") && text.contains("source_ranges"));
+        assert!(text.contains("  198.18.254.0/24"));
         assert!(text.contains("198.18.0.11:8080 #2 not ready"));
         assert!(text.contains("5 flows") && text.contains("2 backend_gone"));
+        let text = snat_table(&[SnatEntry {
+            proto: "tcp".into(),
+            backend: "198.18.64.10:8080".parse().unwrap(),
+            nat_port: 61_234,
+            client: "198.18.254.101:40000".parse().unwrap(),
+            service_id: 3,
+        }])
+        .to_string();
+        assert!(text.contains("198.18.64.10:8080") && text.contains("61234"));
+        assert!(text.contains("198.18.254.101:40000"));
+        let text = source_ranges_table(&[SourceRangeEntry {
+            service_id: 3,
+            range: "198.18.254.0/24".into(),
+        }])
+        .to_string();
+        assert!(text.contains("198.18.254.0/24"));
         let text = counters_table(&[("pass".into(), 7)]).to_string();
         assert!(text.contains("pass") && text.contains('7'));
     }
