@@ -282,3 +282,126 @@ fn attaches_with_tcx_inside_a_test_namespace_and_detaches() {
     assert!(netns.tcx_ingress_programs(&netns.host_end).is_empty());
     assert!(!pins.path().exists());
 }
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` and client
+/// ranges, translated for node `here` with one node address.
+fn external_translation(source_ranges: &str) -> lb_agent::translate::Translation {
+    let service: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.30
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  loadBalancerSourceRanges: [{source_ranges}]
+  ports: [{{port: 80, nodePort: 30080, targetPort: 8080}}]
+status: {{loadBalancer: {{ingress: [{{ip: 198.18.253.10}}]}}}}
+"#
+    ))
+    .unwrap();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-1, namespace: demo, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.18.32.10], nodeName: here}
+- {addresses: [198.18.64.10], nodeName: there}
+"#,
+    )
+    .unwrap();
+    let scope = lb_agent::translate::Scope {
+        node_name: Some("here".into()),
+        node_addresses: vec!["198.18.254.1".parse().unwrap()],
+        ..Default::default()
+    };
+    lb_agent::translate::translate_in(&scope, [&service], [&slice])
+}
+
+#[test]
+fn external_frontends_and_source_ranges_on_real_maps() {
+    require_privileges();
+    let pins = PinDirGuard::new();
+    let mut datapath = Datapath::load(&load_options(pins.path())).unwrap();
+    let mut writer = Writer::new(datapath.take_maps().unwrap());
+    let translation = external_translation("198.18.254.100/32, 198.18.254.128/25");
+    assert!(translation.notices.is_empty(), "{:?}", translation.notices);
+    assert_eq!(translation.state.health_checks()[&32100].local_endpoints, 1);
+    let report = writer.apply(&translation.state);
+    assert_eq!(report.failures, 0);
+    // ClusterIP (internal id) + NodePort and LB IP (external id).
+    assert_eq!(report.frontends, 3);
+    assert_eq!(report.service_ports, 2);
+    // The LPM trie reads back as written.
+    assert_eq!(&writer.maps().read_all().unwrap(), writer.programmed());
+
+    let services = inspect::services(pins.path()).unwrap();
+    let cluster_ip = find(&services, "198.18.100.30:80", "tcp");
+    let node_port = find(&services, "198.18.254.1:30080", "tcp");
+    let load_balancer = find(&services, "198.18.253.10:80", "tcp");
+    assert!(cluster_ip.flag_names.is_empty(), "{cluster_ip:?}");
+    assert_eq!(node_port.flag_names, ["external", "drop"]);
+    assert_eq!(
+        load_balancer.flag_names,
+        ["external", "source_ranges", "drop"]
+    );
+    assert_eq!(
+        load_balancer.source_ranges,
+        ["198.18.254.100/32", "198.18.254.128/25"]
+    );
+    assert_eq!(node_port.service_id, load_balancer.service_id);
+    assert_ne!(node_port.service_id, cluster_ip.service_id);
+    // Local: only this node's endpoint is ready for the external id, and
+    // it is flagged local; the other stays listed.
+    let ready: Vec<_> = load_balancer
+        .backends
+        .iter()
+        .map(|b| (b.addr, b.ready, b.local))
+        .collect();
+    assert_eq!(
+        ready,
+        [
+            (addr("198.18.32.10:8080"), true, true),
+            (addr("198.18.64.10:8080"), false, false)
+        ]
+    );
+    assert_eq!(cluster_ip.backends.iter().filter(|b| b.ready).count(), 2);
+    let ranges = inspect::source_ranges(pins.path()).unwrap();
+    assert_eq!(ranges.len(), 2);
+    assert!(
+        ranges
+            .iter()
+            .all(|r| r.service_id == load_balancer.service_id)
+    );
+    assert!(inspect::snat(pins.path()).unwrap().is_empty());
+
+    // A restart adopts the ranges as they are.
+    drop(writer);
+    datapath.shutdown(true).unwrap();
+    let mut datapath = Datapath::load(&load_options(pins.path())).unwrap();
+    let mut writer = Writer::adopt(datapath.take_maps().unwrap()).unwrap();
+    assert_eq!(writer.apply(&translation.state).writes, 0);
+
+    // One range fewer, then none (unrestricted).
+    let narrower = external_translation("198.18.254.100/32");
+    assert_eq!(writer.apply(&narrower.state).failures, 0);
+    assert_eq!(inspect::source_ranges(pins.path()).unwrap().len(), 1);
+    let open = external_translation("");
+    assert_eq!(writer.apply(&open.state).failures, 0);
+    assert!(inspect::source_ranges(pins.path()).unwrap().is_empty());
+    let services = inspect::services(pins.path()).unwrap();
+    assert_eq!(
+        find(&services, "198.18.253.10:80", "tcp").flag_names,
+        ["external", "drop"]
+    );
+    assert_eq!(&writer.maps().read_all().unwrap(), writer.programmed());
+
+    drop(writer);
+    datapath.shutdown(false).unwrap();
+    assert!(!pins.path().exists());
+}
