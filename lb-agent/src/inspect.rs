@@ -10,9 +10,7 @@ use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use comfy_table::{Cell, CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use lb_common::affinity::{Affinity, AffinityKey};
-use lb_common::backend::{
-    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat,
-};
+use lb_common::backend::{BACKEND_F_LOCAL, BACKEND_F_NOT_READY, Backend, BackendAddr, RevNat};
 use lb_common::conntrack::{
     FLOW_F_EXTERNAL, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_HAIRPIN, FLOW_F_REPLY_SEEN,
     FLOW_F_RST, FLOW_F_SNAT, Flow, FlowKey,
@@ -747,6 +745,7 @@ pub fn counters_table(entries: &[(String, u64)]) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::backend::BACKEND_F_ACTIVE;
 
     #[test]
     fn flow_flags_are_named() {

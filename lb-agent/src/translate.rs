@@ -1860,7 +1860,9 @@ endpoints:
         ];
         let external_ip = (tcp(EXTERNAL_IP, 80), FrontendKind::ExternalIp);
         let load_balancer = (tcp(LB_IP, 80), FrontendKind::LoadBalancer);
-        let cases: [(&str, &str, Vec<(Frontend, FrontendKind)>); 6] = [
+        // (spec lines, status, expected frontends)
+        type Case<'a> = (&'a str, &'a str, Vec<(Frontend, FrontendKind)>);
+        let cases: [Case; 6] = [
             // A ClusterIP Service has no NodePort, even with one written,
             // and no load-balancer address, even with a status.
             ("", lb_status, cluster.to_vec()),

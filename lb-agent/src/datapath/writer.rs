@@ -3179,7 +3179,7 @@ mod tests {
             // And a full source range map refuses new ranges.
             let source_range_capacity = rng
                 .chance(failure_percent)
-                .then(|| full.maps.contents.source_ranges.len());
+                .then_some(full.maps.contents.source_ranges.len());
             incremental.maps.source_range_capacity = source_range_capacity;
             full.maps.source_range_capacity = source_range_capacity;
 
