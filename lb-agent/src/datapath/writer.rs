@@ -1,7 +1,8 @@
 //! The only writer of the datapath's maps.
 //!
 //! [`Writer`] remembers what it programmed (a mirror of `LB_SERVICES`,
-//! `LB_SLOTS`, `LB_BACKENDS` and `LB_REVNAT`), computes the difference with a
+//! `LB_SLOTS`, `LB_BACKENDS`, `LB_REVNAT`, `LB_MEMBERS`, `LB_MAGLEV` and
+//! `LB_SRC_RANGES`), computes the difference with a
 //! new [`DesiredState`] and writes only that difference, in an order that
 //! never refuses or drops a new connection to a service that keeps at least
 //! one ready backend (see [`Writer::apply`]). An unchanged service costs no
@@ -689,8 +690,12 @@ impl<M: MapOps> Writer<M> {
     /// 1. New or changed `LB_BACKENDS` entries, and `LB_REVNAT` additions
     ///    (old links are kept until step 4), so every backend a slot can
     ///    name exists and its replies can be reverse-translated.
-    /// 2. Per service port:
-    ///    - new service: its slots first, then its `LB_SERVICES` entries;
+    /// 2. Per service port (after its members and its new client ranges,
+    ///    so a frontend that checks `loadBalancerSourceRanges` finds every
+    ///    range it admits):
+    ///    - new service: its slots first, then its `LB_SERVICES` entries,
+    ///      each with the flags of its kind (`SERVICE_F_EXTERNAL`,
+    ///      `SERVICE_F_SOURCE_RANGES`);
     ///    - growing: slots `[old..new)` (beyond the count, invisible), then
     ///      rewrites of changed slots `[0..old)` (each one atomic, naming a
     ///      live backend), then the count;
@@ -701,13 +706,18 @@ impl<M: MapOps> Writer<M> {
     ///    still names only written slots.
     /// 3. Deleted frontends: the `LB_SERVICES` entry first, then every slot
     ///    that no programmed count covers any more (a deleted service's, a
-    ///    shrunk service's tail).
+    ///    shrunk service's tail), members no slot names, and client ranges
+    ///    no frontend asks for (after the frontend that checked them lost
+    ///    its flag or went).
     /// 4. Last, stale `LB_REVNAT` links are removed, backends that turned
     ///    not ready get their flag (no slot names them any more), and
     ///    backends no longer listed and named by no slot are freed.
     ///
     /// A listed but not-ready backend keeps its `LB_BACKENDS` entry (with
     /// `BACKEND_F_NOT_READY`) and its `LB_REVNAT` links, and is in no slot.
+    /// A backend any service port lists as local gets `BACKEND_F_LOCAL`
+    /// (written in step 1: it only decides the source translation of new
+    /// external flows).
     ///
     /// Cost: after an apply that wrote everything it meant to, the maps are
     /// a fixed point for every service port that does not change, so the
