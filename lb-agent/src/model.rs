@@ -451,9 +451,11 @@ impl ServicePort {
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
-    /// Endpoints on this node with `conditions.ready` (terminating ones are
-    /// never ready), counted as kube-proxy does: the most over the
-    /// Service's ports. 0 answers 503, so load balancers drain the node.
+    /// Endpoint addresses on this node with `conditions.ready` over every
+    /// port of the Service, as kube-proxy counts them (terminating
+    /// endpoints are never ready, even when they take connections for
+    /// lack of ready ones). 0 answers 503, so load balancers drain the
+    /// node.
     pub local_endpoints: usize,
 }
 

@@ -56,7 +56,8 @@
 //!   ([`ServicePort::local_addresses`], `BACKEND_F_LOCAL`).
 //! - A Service of type LoadBalancer with `externalTrafficPolicy: Local` and
 //!   a `healthCheckNodePort` gets a [`HealthCheck`] with the number of its
-//!   ready endpoints on this node ([`DesiredState::health_checks`]).
+//!   ready endpoint addresses on this node, over all its ports
+//!   ([`DesiredState::health_checks`]).
 //!   Terminating endpoints are never counted, even when they take
 //!   connections for lack of ready ones: kube-proxy fails the health check
 //!   then, so load balancers drain the node (KEP-1669).
@@ -649,7 +650,9 @@ fn translate_service(
     let source_ranges = source_ranges(service, &mut warn);
     let local_addresses = local_addresses(slices, node);
 
-    let mut ready_local_endpoints = 0;
+    // Addresses, not address and port: a pod serving two ports is one
+    // endpoint (kube-proxy squashes them by IP too).
+    let mut ready_local_endpoints: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(Some(proto)) = parse_protocol(port.protocol.as_deref()) else {
             notice(
@@ -714,11 +717,12 @@ fn translate_service(
         }
 
         let endpoints = endpoints_of(&port_name, proto, slices);
-        ready_local_endpoints = ready_local_endpoints.max(
+        ready_local_endpoints.extend(
             endpoints
-                .values()
-                .filter(|endpoint| endpoint.admitted(Locality::Node(node)).ready)
-                .count(),
+                .by_addr
+                .iter()
+                .filter(|(_, copies)| EndpointView { copies }.admitted(Locality::Node(node)).ready)
+                .map(|(addr, _)| *addr.ip()),
         );
         let internal_backends = readiness(&endpoints, internal_locality);
         let local_addresses: BTreeSet<Ipv4Addr> = internal_backends
@@ -785,7 +789,7 @@ fn translate_service(
                     let check = HealthCheck {
                         namespace: object.namespace.clone(),
                         name: object.name.clone(),
-                        local_endpoints: ready_local_endpoints,
+                        local_endpoints: ready_local_endpoints.len(),
                     };
                     if let Err(conflict) = state.insert_health_check(port, check) {
                         notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
@@ -1008,12 +1012,6 @@ impl Conditions {
 /// Endpoints of one service port, with the node of each copy.
 struct Endpoints<'a> {
     by_addr: BTreeMap<SocketAddrV4, Vec<(Option<&'a str>, Conditions)>>,
-}
-
-impl<'a> Endpoints<'a> {
-    fn values(&self) -> impl Iterator<Item = EndpointView<'_, 'a>> {
-        self.by_addr.values().map(|copies| EndpointView { copies })
-    }
 }
 
 /// One endpoint address's copies.
@@ -2373,7 +2371,8 @@ endpoints:
         );
         assert!(none.is_empty());
         assert_eq!(warned, 1);
-        // Multi-port: the most ready endpoints over the ports.
+        // Multi-port: distinct ready local addresses over the ports (13
+        // serves both, 14 is elsewhere, 15 not ready).
         let multi = service(
             "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  clusterIP: 198.18.100.50\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]\n",
         );
@@ -2398,10 +2397,13 @@ addressType: IPv4
 ports: [{name: b, port: 8081}]
 endpoints:
 - {addresses: [198.18.0.13], nodeName: here}
+- {addresses: [198.18.0.10], nodeName: here}
+- {addresses: [198.18.0.14], nodeName: there}
+- {addresses: [198.18.0.15], nodeName: here, conditions: {ready: false}}
 "#,
         );
         let translation = translate_in(&node_scope(), &[multi], &[multi_slice, other_slice]);
-        assert_eq!(translation.state.health_checks()[&32000].local_endpoints, 2);
+        assert_eq!(translation.state.health_checks()[&32000].local_endpoints, 3);
         // Two Services on one health check port: the first keeps it.
         let first = ext_service(lb_local, "");
         let mut second = first.clone();
