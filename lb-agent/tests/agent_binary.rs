@@ -242,3 +242,125 @@ fn agent_follows_manifests_and_cleans_up_on_sigterm() {
     assert!(!pins.path().exists(), "pins left behind");
     assert!(netns.tcx_ingress_programs(&netns.host_end).is_empty());
 }
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.40
+  externalIPs: [198.18.253.20]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  loadBalancerSourceRanges: [198.18.254.100/32]
+  ports: [{port: 80, nodePort: 30080, targetPort: 8080}]
+status: {loadBalancer: {ingress: [{ip: 198.18.253.10}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: shop-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: shop}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [198.18.32.10], nodeName: here}
+- {addresses: [198.18.64.10], nodeName: there}
+"#;
+
+#[test]
+fn agent_programs_load_balancer_and_external_ips_with_source_ranges() {
+    require_privileges();
+    let pins = PinDirGuard::new();
+    let netns = NetnsGuard::with_veth();
+    let manifests = tempfile::tempdir().unwrap();
+    std::fs::write(manifests.path().join("shop.yaml"), SHOP).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let pin_dir = pins.path().to_str().unwrap();
+
+    let mut agent = AgentGuard::start(
+        &netns,
+        &[
+            "run",
+            "--manifests",
+            manifests.path().to_str().unwrap(),
+            "--node-name",
+            "here",
+            "--attach",
+            &netns.host_end,
+            "--pin-dir",
+            pin_dir,
+            "--max-services",
+            "64",
+            "--max-backends",
+            "64",
+            "--max-slots",
+            "256",
+            "--max-flows",
+            "1024",
+            "--log-format",
+            "json",
+        ],
+        logs.path().join("agent.log"),
+    );
+    agent.wait_for_log(Duration::from_secs(30), |line| line.contains("programmed"));
+
+    // ClusterIP on its own id (Cluster policy); the load-balancer IP and
+    // the external IP on the Local id: only this node's endpoint ready.
+    let lb: std::net::SocketAddrV4 = "198.18.253.10:80".parse().unwrap();
+    let external: std::net::SocketAddrV4 = "198.18.253.20:80".parse().unwrap();
+    let cluster_ip: std::net::SocketAddrV4 = "198.18.100.40:80".parse().unwrap();
+    wait_for_services(pins.path(), Duration::from_secs(5), |services| {
+        services.iter().any(|s| s.frontend == lb)
+    });
+    let services = inspect::services(pins.path()).unwrap();
+    let find = |frontend| services.iter().find(|s| s.frontend == frontend).unwrap();
+    assert_eq!(
+        find(lb).flag_names,
+        ["external", "source_ranges", "drop"],
+        "{services:#?}"
+    );
+    assert_eq!(find(lb).source_ranges, ["198.18.254.100/32"]);
+    assert_eq!(find(external).flag_names, ["external", "drop"]);
+    assert!(find(cluster_ip).flag_names.is_empty());
+    assert_eq!(find(lb).service_id, find(external).service_id);
+    assert_ne!(find(lb).service_id, find(cluster_ip).service_id);
+    let ready: Vec<_> = find(lb)
+        .backends
+        .iter()
+        .filter(|b| b.ready)
+        .map(|b| (b.addr, b.local))
+        .collect();
+    assert_eq!(ready, [("198.18.32.10:8080".parse().unwrap(), true)]);
+    assert_eq!(
+        find(cluster_ip).backends.iter().filter(|b| b.ready).count(),
+        2
+    );
+
+    // A bad range: one warning naming the field, and the load-balancer
+    // frontend admits nobody (still flagged, no range) until it is fixed.
+    let broken = SHOP.replace("198.18.254.100/32", "198.18.254.100/33");
+    std::fs::write(manifests.path().join("shop.yaml"), broken).unwrap();
+    let line = agent.wait_for_log(Duration::from_secs(5), |line| {
+        line.contains("loadBalancerSourceRanges[0]")
+    });
+    assert!(line.contains("\"WARN\""), "{line}");
+    assert!(line.contains("Service demo/shop"), "{line}");
+    wait_for_services(pins.path(), Duration::from_secs(5), |services| {
+        services
+            .iter()
+            .any(|s| s.frontend == lb && s.source_ranges.is_empty())
+    });
+    let services = inspect::services(pins.path()).unwrap();
+    let shop_lb = services.iter().find(|s| s.frontend == lb).unwrap();
+    assert!(shop_lb.flag_names.contains(&"source_ranges".to_owned()));
+    assert!(inspect::source_ranges(pins.path()).unwrap().is_empty());
+    // The rest of the Service stays programmed.
+    assert!(services.iter().any(|s| s.frontend == external));
+
+    let status = agent.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!pins.path().exists(), "pins left behind");
+}
