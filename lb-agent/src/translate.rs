@@ -754,27 +754,24 @@ fn translate_service(
                 drop_without_backend: matches!(locality, Locality::Node(_)),
             }
         };
-        let mut ports = Vec::with_capacity(2);
-        if external.is_empty() || internal_locality.same_endpoints(external_locality) {
-            frontends.extend(external);
-            ports.push((
-                name(Traffic::Internal),
-                port_of(frontends, internal_backends, internal_locality),
-            ));
-        } else {
-            ports.push((
-                name(Traffic::Internal),
-                port_of(frontends, internal_backends, internal_locality),
-            ));
-            ports.push((
-                name(Traffic::External),
-                port_of(
-                    external,
-                    readiness(&endpoints, external_locality),
-                    external_locality,
-                ),
-            ));
-        }
+        // One backend set per service id: the external frontends join the
+        // ClusterIP's service port when both policies agree.
+        let external_port =
+            if external.is_empty() || internal_locality.same_endpoints(external_locality) {
+                frontends.extend(external);
+                None
+            } else {
+                let backends = readiness(&endpoints, external_locality);
+                Some((
+                    name(Traffic::External),
+                    port_of(external, backends, external_locality),
+                ))
+            };
+        let internal_port = (
+            name(Traffic::Internal),
+            port_of(frontends, internal_backends, internal_locality),
+        );
+        let ports = [internal_port].into_iter().chain(external_port);
         for (name, port) in ports {
             for conflict in state.insert(name, port) {
                 notice(NoticeLevel::Warn, object.clone(), conflict.to_string());
