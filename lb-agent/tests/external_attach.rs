@@ -206,16 +206,17 @@ impl Drop for AgentGuard {
     }
 }
 
-/// `GET /` to `127.0.0.1:port` inside `netns`: the status code and the
-/// JSON body, or `None` while nothing listens.
+/// `GET /healthz` to `127.0.0.1:port` inside `netns`: the status code and
+/// the JSON body, or `None` while nothing answers (a connection the
+/// listener accepted as it closed is reset, which counts as nothing).
 fn health_check(netns: &NetnsGuard, port: u16) -> Option<(u16, serde_json::Value)> {
     netns.run_inside(|| {
         let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
+            .ok()?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
+        stream.read_to_string(&mut response).ok()?;
         let status = response.get(9..12)?.parse().ok()?;
         let (_, body) = response.split_once("\r\n\r\n")?;
         Some((status, serde_json::from_str(body).ok()?))
