@@ -19,7 +19,8 @@ use bytemuck::Zeroable;
 use lb_common::{
     backend::Backend,
     conntrack::{
-        FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, FLOW_F_RST, Flow, FlowKey,
+        FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REPLY_SEEN, FLOW_F_RST, FLOW_F_SNAT, Flow,
+        FlowKey,
     },
 };
 
@@ -28,6 +29,7 @@ use crate::{
     error::Error,
     maps::{LB_CLOCK, LB_CONNTRACK},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    snat,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -236,7 +238,9 @@ pub const fn closes(flow: &Flow, pkt: &Packet) -> bool {
             && pkt.tcp_flags & (TCP_ACK | TCP_FIN | TCP_SYN) == TCP_ACK)
 }
 
-/// Inserts (or replaces an expired) flow of `key` to `backend`.
+/// Inserts (or replaces an expired) flow of `key` to `backend`, with
+/// `flags` (`FLOW_F_EXTERNAL`, `FLOW_F_SNAT`, `FLOW_F_HAIRPIN`) and, for a
+/// source-translated flow, its translated port `nat_port`.
 #[inline(always)]
 pub fn create(
     key: &FlowKey,
@@ -244,6 +248,8 @@ pub fn create(
     backend_id: u32,
     backend: &Backend,
     now: Now,
+    flags: u8,
+    nat_port: u16,
 ) -> Result<(), Error> {
     // Built on a zeroed value: a struct literal with the `_pad` array makes
     // the compiler call memset for three bytes.
@@ -254,15 +260,20 @@ pub fn create(
     flow.frontend_addr = pkt.dst_addr;
     flow.backend_id = backend_id;
     flow.last_seen = now.secs();
-    flow.flags = flags_from(pkt, true);
+    flow.flags = flags | flags_from(pkt, true);
+    flow.nat_port = nat_port;
     LB_CONNTRACK
         .insert(key, &flow, u64::from(BPF_ANY))
         .map_err(|_| Error::ConntrackFull)
 }
 
-/// Deletes the flow. A flow already gone (deleted by another CPU, evicted)
-/// is what the caller wanted anyway.
+/// Deletes the flow `flow` of `key`, and the translated port it holds if
+/// it is source-translated. A flow already gone (deleted by another CPU,
+/// evicted) is what the caller wanted anyway.
 #[inline(always)]
-pub fn remove(key: &FlowKey) {
+pub fn remove(key: &FlowKey, flow: &Flow) {
     let _ = LB_CONNTRACK.remove(key);
+    if flow.flags & FLOW_F_SNAT != 0 {
+        snat::release(flow, key.proto);
+    }
 }

@@ -10,7 +10,8 @@
 //! kernel knows whether the skb is CHECKSUM_PARTIAL; how it changed the
 //! field tells that state ([`classify_after_addr_update`]), and a port
 //! change is then folded in here. The IPv4 header checksum is always
-//! complete, so it is updated here, without a helper call.
+//! complete, so it is updated here, without a helper call; so is the L4
+//! checksum of an XDP frame, which is always complete as well.
 
 use aya_ebpf::helpers::generated::bpf_csum_diff;
 
@@ -30,6 +31,15 @@ pub const fn fold(sum: u64) -> u16 {
 #[inline(always)]
 pub const fn replace_u32(check: u16, from: u32, to: u32) -> u16 {
     !fold(!check as u64 + !from as u64 + to as u64)
+}
+
+/// An L4 checksum field after a 32-bit word covered by it (an address, in
+/// the pseudo header) changed from `from` to `to`. For UDP (`udp`), a
+/// result of zero is written as 0xffff: zero means "no checksum".
+#[inline(always)]
+pub const fn replace_u32_l4(check: u16, from: u32, to: u32, udp: bool) -> u16 {
+    let check = replace_u32(check, from, to);
+    if udp && check == 0 { 0xffff } else { check }
 }
 
 /// The checksum field after a 16-bit word covered by it changed from

@@ -1,12 +1,20 @@
-//! The per-packet decision, independent of the program type: parse, then
-//! the forward path (destination is a frontend) or the reply path (source
-//! is a backend of a tracked flow), else pass.
+//! The per-packet decision, shared by every program and parameterised by
+//! the program's [`Role`]: parse; then the forward path (the destination is
+//! a frontend the role translates), the reply path of source-translated
+//! flows (the destination is a translated port), the reply path (the
+//! source is a backend of a tracked flow), else pass.
 //!
 //! Outcomes that are not errors are counted here; errors are returned to
 //! the entry point, which counts them (`Error::counter`) and applies their
 //! action.
 
-use lb_common::{conntrack::Flow, counters::Counter, service::ServiceValue, stats::DropReason};
+use lb_common::{
+    backend::{BACKEND_F_LOCAL, BackendAddr},
+    conntrack::{FLOW_F_EXTERNAL, FLOW_F_HAIRPIN, FLOW_F_SNAT, Flow, FlowKey},
+    counters::Counter,
+    service::{SERVICE_F_EXTERNAL, SERVICE_F_SOURCE_RANGES, ServiceValue},
+    stats::DropReason,
+};
 
 use crate::{
     affinity, backend,
@@ -15,16 +23,60 @@ use crate::{
     context::{Action, PacketContext},
     counters::count,
     error::Error,
+    fib,
     log::event,
     maps::LB_REVNAT,
-    nat,
+    nat::{self, Tuple},
     parse::{self, Packet, Parsed},
-    reject, service, stats,
+    reject, service, snat, source_range, stats,
 };
 
-/// Handles one packet arriving from a pod.
+/// Where a program runs, which decides what it translates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RoleKind {
+    /// At the host side of pods' veths (`lb_tc_pod`): every frontend, as a
+    /// pod may reach NodePorts, load-balancer IPs and external IPs too.
+    Pod,
+    /// On the node's external interfaces (`lb_xdp_ext`, `lb_tc_ext`): only
+    /// frontends with `SERVICE_F_EXTERNAL`; ClusterIP traffic arriving from
+    /// outside passes untouched. New flows to a backend on another node
+    /// are source-translated to the node's address.
+    External,
+}
+
+/// A program's role as a type, so that every program gets its own copy of
+/// the code: with two programs of one context type sharing a function, the
+/// compiler keeps it (the log closures, in practice) out of line as a BPF
+/// subprogram, whose stack frame adds to the caller's beyond the limit.
+pub trait Role {
+    const KIND: RoleKind;
+
+    #[inline(always)]
+    fn translates(service: &ServiceValue) -> bool {
+        match Self::KIND {
+            RoleKind::Pod => true,
+            RoleKind::External => service.flags & SERVICE_F_EXTERNAL != 0,
+        }
+    }
+}
+
+/// [`RoleKind::Pod`].
+pub struct Pod;
+
+impl Role for Pod {
+    const KIND: RoleKind = RoleKind::Pod;
+}
+
+/// [`RoleKind::External`].
+pub struct External;
+
+impl Role for External {
+    const KIND: RoleKind = RoleKind::External;
+}
+
+/// Handles one packet.
 #[inline(always)]
-pub fn process<C: PacketContext>(ctx: &C) -> Result<Action, Error> {
+pub fn process<C: PacketContext, R: Role>(ctx: &C) -> Result<Action, Error> {
     let pkt = match parse::parse(ctx)? {
         Parsed::L4(pkt) => pkt,
         Parsed::Fragment => {
@@ -36,25 +88,63 @@ pub fn process<C: PacketContext>(ctx: &C) -> Result<Action, Error> {
             return Ok(Action::Pass);
         }
     };
-    if let Some(service) = service::lookup(&pkt) {
-        let result = forward(ctx, &pkt, &service);
-        if let Err(error) = result
-            && let Some(reason) = error.drop_reason()
-        {
-            stats::drop(service.id, reason);
+    if let Some(service) = service::lookup(&pkt)
+        && R::translates(&service)
+    {
+        let result = forward::<C, R>(ctx, &pkt, &service);
+        if let Err(error) = result {
+            dropped::<C, R>(ctx, &pkt, service.id, error);
         }
         return result;
     }
-    if reply(ctx, &pkt)? {
+    // Replies. The translated-port check is a few comparisons against the
+    // configuration, so packets that are no service's pay no map lookup
+    // for it.
+    let config = Config::load();
+    let found = if config.is_nat_destination(pkt.dst_addr, pkt.dst_port) {
+        // A hairpin flow's backend answers the hairpin address, any other
+        // translated flow's the node's.
+        snat::reply_flow(&pkt).filter(|(_, _, flow)| {
+            (flow.flags & FLOW_F_HAIRPIN != 0) == (pkt.dst_addr == config.hairpin_addr)
+        })
+    } else {
+        None
+    };
+    let Some((key, entry, flow)) = found.or_else(|| revnat_flow(&pkt)) else {
+        count(Counter::Pass);
         return Ok(Action::Pass);
+    };
+    let result = reply::<C, R>(ctx, &pkt, &key, entry, &flow);
+    if let Err(error) = result {
+        dropped::<C, R>(ctx, &pkt, key.service_id, error);
     }
-    count(Counter::Pass);
-    Ok(Action::Pass)
+    result
+}
+
+/// Records a service's packet that failed with `error`.
+#[inline(always)]
+fn dropped<C: PacketContext, R: Role>(ctx: &C, pkt: &Packet, service_id: u32, error: Error) {
+    let Some(reason) = error.drop_reason() else {
+        return;
+    };
+    stats::drop(service_id, reason);
+    let config = Config::load();
+    event!(
+        ctx,
+        config,
+        "drop: service {} packet {:i}:{} -> {:i}:{} reason {}",
+        service_id,
+        u32::from_be(pkt.src_addr),
+        u16::from_be(pkt.src_port),
+        u32::from_be(pkt.dst_addr),
+        u16::from_be(pkt.dst_port),
+        reason as u32
+    );
 }
 
 /// A client packet to a frontend: continue its flow, or start one.
 #[inline(always)]
-fn forward<C: PacketContext>(
+fn forward<C: PacketContext, R: Role>(
     ctx: &C,
     pkt: &Packet,
     service: &ServiceValue,
@@ -69,20 +159,13 @@ fn forward<C: PacketContext>(
         let flow: Flow = unsafe { *entry };
         if !conntrack::is_expired(&flow, pkt.is_tcp(), now, &config) {
             if backend::still_serves(&flow) {
-                conntrack::touch_forward(entry, &flow, pkt, now);
-                nat::dnat(ctx, pkt, flow.backend_addr, flow.backend_port)?;
-                count(Counter::Established);
-                stats::forward(service.id, flow.backend_id, ctx.packet_len(), false);
-                if conntrack::closes(&flow, pkt) {
-                    conntrack::remove(&key);
-                }
-                return Ok(Action::Pass);
+                return established::<C, R>(ctx, pkt, service, &key, entry, &flow, now, &config);
             }
             // The backend left every EndpointSlice of the service. A TCP
             // connection to it is dead: tell the client at once instead of
             // letting it time out. UDP has no connection: pick a new backend.
             count(Counter::BackendGone);
-            conntrack::remove(&key);
+            conntrack::remove(&key, &flow);
             event!(
                 ctx,
                 config,
@@ -98,20 +181,80 @@ fn forward<C: PacketContext>(
             }
         }
     }
-    new_flow(ctx, pkt, service, &key, now, &config)
+    new_flow::<C, R>(ctx, pkt, service, &key, now, &config)
+}
+
+/// A client packet of a tracked flow whose backend still serves it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn established<C: PacketContext, R: Role>(
+    ctx: &C,
+    pkt: &Packet,
+    service: &ServiceValue,
+    key: &FlowKey,
+    entry: *mut Flow,
+    flow: &Flow,
+    now: Now,
+    config: &Config,
+) -> Result<Action, Error> {
+    if flow.flags & FLOW_F_SNAT == 0 {
+        conntrack::touch_forward(entry, flow, pkt, now);
+        nat::dnat(ctx, pkt, flow.backend_addr, flow.backend_port)?;
+        count(Counter::Established);
+        stats::forward(service.id, flow.backend_id, ctx.packet_len(), false);
+        if conntrack::closes(flow, pkt) {
+            conntrack::remove(key, flow);
+        }
+        return Ok(Action::Pass);
+    }
+    let nat_addr = if flow.flags & FLOW_F_HAIRPIN != 0 {
+        config.hairpin_addr
+    } else {
+        config.snat_addr
+    };
+    if nat_addr == 0 {
+        return Err(Error::NoNatAddr);
+    }
+    let new = Tuple {
+        src_addr: nat_addr,
+        src_port: flow.nat_port,
+        dst_addr: flow.backend_addr,
+        dst_port: flow.backend_port,
+    };
+    let Some(route) = fib::plan(ctx, pkt, &new)? else {
+        count(Counter::XdpToTc);
+        return Ok(Action::Pass);
+    };
+    conntrack::touch_forward(entry, flow, pkt, now);
+    nat::translate(ctx, pkt, &new)?;
+    let action = fib::send(ctx, pkt, &new, route)?;
+    count(Counter::Established);
+    count(Counter::Forwarded);
+    stats::forward(service.id, flow.backend_id, ctx.packet_len(), false);
+    if conntrack::closes(flow, pkt) {
+        conntrack::remove(key, flow);
+    }
+    Ok(action)
 }
 
 /// The first packet of a flow (or the first after its entry expired or was
 /// evicted: a TCP packet without SYN is balanced too, as Cilium does).
 #[inline(always)]
-fn new_flow<C: PacketContext>(
+fn new_flow<C: PacketContext, R: Role>(
     ctx: &C,
     pkt: &Packet,
     service: &ServiceValue,
-    key: &lb_common::conntrack::FlowKey,
+    key: &FlowKey,
     now: Now,
     config: &Config,
 ) -> Result<Action, Error> {
+    // kube-proxy filters by source range before anything else, the reject
+    // of a service without endpoints included.
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0
+        && !source_range::allows(service.id, pkt.src_addr)
+    {
+        return Err(Error::SourceRangeDenied);
+    }
     if service::rejects_new_connections(service) {
         count(Counter::NoBackend);
         stats::drop(service.id, DropReason::NoBackend);
@@ -133,14 +276,56 @@ fn new_flow<C: PacketContext>(
     } else {
         backend::select(service, pkt, config)?
     };
-    conntrack::create(key, pkt, backend_id, &backend, now)?;
-    nat::dnat(ctx, pkt, backend.addr, backend.port)?;
-    count(Counter::NewFlow);
-    stats::forward(service.id, backend_id, ctx.packet_len(), true);
+
+    let external = service.flags & SERVICE_F_EXTERNAL != 0;
+    let mut flags = if external { FLOW_F_EXTERNAL } else { 0 };
+    // Hairpin: the client is its own backend, and would drop a packet from
+    // its own address; the source becomes the hairpin address. Node SNAT:
+    // an external client's flow to another node's backend, whose reply
+    // must come back through this node.
+    let nat_addr = if backend.addr == pkt.src_addr {
+        flags |= FLOW_F_SNAT | FLOW_F_HAIRPIN;
+        config.hairpin_addr
+    } else if R::KIND == RoleKind::External && external && backend.flags & BACKEND_F_LOCAL == 0 {
+        flags |= FLOW_F_SNAT;
+        config.snat_addr
+    } else {
+        0
+    };
+
+    if flags & FLOW_F_SNAT == 0 {
+        conntrack::create(key, pkt, backend_id, &backend, now, flags, 0)?;
+        nat::dnat(ctx, pkt, backend.addr, backend.port)?;
+        count(Counter::NewFlow);
+        stats::forward(service.id, backend_id, ctx.packet_len(), true);
+        event!(
+            ctx,
+            config,
+            "new flow: {:i}:{} -> {:i}:{} service {} backend {} {:i}:{}",
+            u32::from_be(pkt.src_addr),
+            u16::from_be(pkt.src_port),
+            u32::from_be(pkt.dst_addr),
+            u16::from_be(pkt.dst_port),
+            service.id,
+            backend_id,
+            u32::from_be(backend.addr),
+            u16::from_be(backend.port)
+        );
+        return Ok(Action::Pass);
+    }
+
+    if nat_addr == 0 {
+        return Err(Error::NoNatAddr);
+    }
+    let nat_port = snat::allocate(key, &backend, config, now)?;
+    if let Err(error) = conntrack::create(key, pkt, backend_id, &backend, now, flags, nat_port) {
+        snat::release_port(backend.addr, backend.port, nat_port, pkt.proto);
+        return Err(error);
+    }
     event!(
         ctx,
         config,
-        "new flow: {:i}:{} -> {:i}:{} service {} backend {} {:i}:{}",
+        "new flow: {:i}:{} -> {:i}:{} service {} backend {} {:i}:{} source {:i}:{}",
         u32::from_be(pkt.src_addr),
         u16::from_be(pkt.src_port),
         u32::from_be(pkt.dst_addr),
@@ -148,22 +333,39 @@ fn new_flow<C: PacketContext>(
         service.id,
         backend_id,
         u32::from_be(backend.addr),
-        u16::from_be(backend.port)
+        u16::from_be(backend.port),
+        u32::from_be(nat_addr),
+        u16::from_be(nat_port)
     );
-    Ok(Action::Pass)
+    let new = Tuple {
+        src_addr: nat_addr,
+        src_port: nat_port,
+        dst_addr: backend.addr,
+        dst_port: backend.port,
+    };
+    // The flow exists from here on: a packet XDP hands to TC is an
+    // established one there.
+    let Some(route) = fib::plan(ctx, pkt, &new)? else {
+        count(Counter::NewFlow);
+        count(Counter::XdpToTc);
+        stats::new_flow(service.id, backend_id);
+        return Ok(Action::Pass);
+    };
+    nat::translate(ctx, pkt, &new)?;
+    let action = fib::send(ctx, pkt, &new, route)?;
+    count(Counter::NewFlow);
+    count(Counter::Forwarded);
+    stats::forward(service.id, backend_id, ctx.packet_len(), true);
+    Ok(action)
 }
 
-/// A packet whose destination is no frontend: if its source is a backend
-/// and it belongs to a tracked flow, rewrite its source back to the
-/// frontend. Returns whether it did.
+/// The tracked flow a packet whose destination is no frontend answers, if
+/// its source is a backend: the key, a pointer to the entry and a copy.
 #[inline(always)]
-fn reply<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<bool, Error> {
-    let backend = lb_common::backend::BackendAddr::new(pkt.src_addr, pkt.src_port, pkt.proto);
-    let Some(candidates) = LB_REVNAT.get_ptr(&backend) else {
-        return Ok(false);
-    };
+fn revnat_flow(pkt: &Packet) -> Option<(FlowKey, *mut Flow, Flow)> {
+    let backend = BackendAddr::new(pkt.src_addr, pkt.src_port, pkt.proto);
     // SAFETY: copied out at once; REVNAT is only written by the agent.
-    let candidates = unsafe { *candidates };
+    let candidates = unsafe { *LB_REVNAT.get_ptr(&backend)? };
     let count_valid = candidates.count as usize;
     for (i, &service_id) in candidates.service_ids.iter().enumerate() {
         if i >= count_valid {
@@ -175,17 +377,55 @@ fn reply<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<bool, Error> {
         };
         // SAFETY: the entry pointer is valid for this run.
         let flow: Flow = unsafe { *entry };
-        if flow.backend_addr != pkt.src_addr || flow.backend_port != pkt.src_port {
-            continue;
+        if flow.backend_addr == pkt.src_addr && flow.backend_port == pkt.src_port {
+            return Some((key, entry, flow));
         }
-        conntrack::touch_reply(entry, &flow, pkt, Now::read());
-        nat::snat(ctx, pkt, flow.frontend_addr, flow.frontend_port)?;
-        count(Counter::Reply);
-        stats::reply(service_id, flow.backend_id, ctx.packet_len());
-        if conntrack::closes(&flow, pkt) {
-            conntrack::remove(&key);
-        }
-        return Ok(true);
     }
-    Ok(false)
+    None
+}
+
+/// A backend's packet of flow `key`: its source becomes the frontend and
+/// its destination the client (unchanged unless the flow is
+/// source-translated). Replies of source-translated and external flows
+/// are forwarded by FIB lookup (their new source may be a node address);
+/// others go to the stack.
+#[inline(always)]
+fn reply<C: PacketContext, R: Role>(
+    ctx: &C,
+    pkt: &Packet,
+    key: &FlowKey,
+    entry: *mut Flow,
+    flow: &Flow,
+) -> Result<Action, Error> {
+    let new = Tuple {
+        src_addr: flow.frontend_addr,
+        src_port: flow.frontend_port,
+        dst_addr: key.client_addr,
+        dst_port: key.client_port,
+    };
+    let route = if flow.flags & (FLOW_F_SNAT | FLOW_F_EXTERNAL) != 0 {
+        let Some(route) = fib::plan(ctx, pkt, &new)? else {
+            count(Counter::XdpToTc);
+            return Ok(Action::Pass);
+        };
+        Some(route)
+    } else {
+        None
+    };
+    conntrack::touch_reply(entry, flow, pkt, Now::read());
+    nat::translate(ctx, pkt, &new)?;
+    let action = match route {
+        Some(route) => {
+            let action = fib::send(ctx, pkt, &new, route)?;
+            count(Counter::Forwarded);
+            action
+        }
+        None => Action::Pass,
+    };
+    count(Counter::Reply);
+    stats::reply(key.service_id, flow.backend_id, ctx.packet_len());
+    if conntrack::closes(flow, pkt) {
+        conntrack::remove(key, flow);
+    }
+    Ok(action)
 }

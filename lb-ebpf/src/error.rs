@@ -22,6 +22,17 @@ pub enum Error {
     /// A store or checksum helper failed mid-rewrite: dropped, the packet
     /// may be half translated.
     RewriteFailed,
+    /// A new connection from outside the service's source ranges: dropped.
+    SourceRangeDenied,
+    /// A flow needs a translated source port and none of those tried was
+    /// free: dropped, the client retransmits.
+    NoNatPort,
+    /// A flow needs source translation to the node's address and none is
+    /// configured: dropped.
+    NoNatAddr,
+    /// A packet that must be forwarded by FIB lookup has no usable route:
+    /// dropped (handing it to the stack would not deliver it either).
+    NoRoute,
 }
 
 impl Error {
@@ -33,6 +44,10 @@ impl Error {
             Error::ConntrackFull => Counter::ConntrackFull,
             Error::RejectFailed => Counter::RejectFailed,
             Error::RewriteFailed => Counter::RewriteFailed,
+            Error::SourceRangeDenied => Counter::SourceRangeDenied,
+            Error::NoNatPort => Counter::NoNatPort,
+            Error::NoNatAddr => Counter::NoNatAddr,
+            Error::NoRoute => Counter::NoRoute,
         }
     }
 
@@ -45,6 +60,9 @@ impl Error {
             Error::ConntrackFull => Some(DropReason::ConntrackFull),
             Error::RejectFailed => Some(DropReason::RejectFailed),
             Error::RewriteFailed => Some(DropReason::RewriteFailed),
+            Error::SourceRangeDenied => Some(DropReason::SourceRange),
+            Error::NoNatPort | Error::NoNatAddr => Some(DropReason::NoNat),
+            Error::NoRoute => Some(DropReason::NoRoute),
         }
     }
 
@@ -52,9 +70,14 @@ impl Error {
     pub const fn action(self) -> Action {
         match self {
             Error::Malformed => Action::Pass,
-            Error::SlotMiss | Error::ConntrackFull | Error::RejectFailed | Error::RewriteFailed => {
-                Action::Drop
-            }
+            Error::SlotMiss
+            | Error::ConntrackFull
+            | Error::RejectFailed
+            | Error::RewriteFailed
+            | Error::SourceRangeDenied
+            | Error::NoNatPort
+            | Error::NoNatAddr
+            | Error::NoRoute => Action::Drop,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! with `EbpfLoader::set_max_entries`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -17,11 +17,12 @@ use lb_common::{
         DatapathConfig,
         defaults::{
             MAGLEV_TABLE_SIZE, MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_MAGLEV_TABLES,
-            MAX_SERVICES, MAX_SLOTS,
+            MAX_SERVICES, MAX_SLOTS, MAX_SNAT_FLOWS, MAX_SOURCE_RANGES,
         },
     },
     conntrack::{Flow, FlowKey},
     counters::COUNTER_COUNT,
+    nat::{SnatKey, SnatValue, SourceRange},
     service::{ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats},
 };
@@ -86,7 +87,26 @@ pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { MAX_SERVICE_STATS as usize 
 pub static LB_BE_STATS: PerCpuArray<BackendStats, { MAX_BACKEND_STATS as usize }> =
     PerCpuArray::new();
 
-/// Runtime configuration (one entry): log switch and flow timeouts.
+/// Source-translated flows: (backend address, port, translated source
+/// port, protocol) -> the conntrack key of the flow that owns the port, so
+/// a backend's reply to the SNAT or hairpin address finds its flow. One
+/// entry per flow with `FLOW_F_SNAT`, written by the datapath when the
+/// flow is created and deleted when its TCP connection closes. LRU, so
+/// entries of flows that expired are reclaimed under pressure; an entry
+/// whose flow is gone is stale and reused by the next allocation of its
+/// port (`snat`).
+#[btf_map]
+pub static LB_SNAT: LruHashMap<SnatKey, SnatValue, { MAX_SNAT_FLOWS as usize }> = LruHashMap::new();
+
+/// `loadBalancerSourceRanges`: (service id, client range) -> allowed, an
+/// LPM trie keyed by `32 + n` bits for a range `addr/n`, so the service id
+/// matches whole. Written by the agent; read for new flows of services
+/// with `SERVICE_F_SOURCE_RANGES`.
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// Runtime configuration (one entry): log switch, flow timeouts, SNAT
+/// and hairpin addresses, translated port range.
 #[btf_map]
 pub static LB_CONFIG: Array<DatapathConfig, 1> = Array::new();
 

@@ -69,16 +69,34 @@ impl Packet {
         self.tcp_flags & flag != 0
     }
 
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field in the L4 header.
+    #[inline(always)]
+    pub const fn l4_csum_field(&self) -> usize {
+        if self.is_tcp() {
+            TCP_CSUM_OFF
+        } else {
+            UDP_CSUM_OFF
+        }
+    }
+
+    /// Offset of the L4 checksum field in the packet (for helper
+    /// arguments; packet pointers go through [`l4_off_of`]).
     #[inline(always)]
     pub const fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.is_tcp() {
-                TCP_CSUM_OFF
-            } else {
-                UDP_CSUM_OFF
-            }
+        self.l4_off + self.l4_csum_field()
     }
+}
+
+/// The offset of the L4 header, read from the IPv4 header at `ip` (which
+/// the parser validated) rather than taken from [`Packet::l4_off`], for
+/// packet pointer arithmetic: the compiler may keep `l4_off` on the stack
+/// in a way the verifier loses its bounds for (a byte store into a zeroed
+/// slot, read back as a word), while a value loaded from the packet and
+/// masked right here is bounded (14..=74) for the verifier.
+#[inline(always)]
+pub fn l4_off_of(ip: *const Ipv4Hdr) -> usize {
+    // SAFETY: the caller bounds-checked the fixed IPv4 header at `ip`.
+    IP_OFF + usize::from(unsafe { (*ip).vihl } & 0x0f) * 4
 }
 
 /// What the parser found.

@@ -9,6 +9,9 @@
 //! swapped) and checksummed from scratch with `bpf_csum_diff`; no byte of
 //! the original L4 header survives except in the ICMP quote.
 //!
+//! In XDP the answer goes out with `XDP_TX` (MACs swapped, as here); its
+//! length changes through `bpf_xdp_adjust_tail`.
+//!
 //! The skb keeps the checksum state of the client's packet. For a
 //! CHECKSUM_PARTIAL TCP segment the RST carries the pseudo-header sum
 //! instead of the full checksum (see `tcp_reset`). The ICMP error needs no
@@ -26,7 +29,7 @@ use crate::{
     context::{Action, L4Field, PacketContext, ptr_at},
     csum::{self, L4CsumKind},
     error::Error,
-    parse::{IP_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{self, IP_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const TTL: u8 = 64;
@@ -106,15 +109,21 @@ fn ip_header_checksum(ip: &Ipv4Hdr) -> Result<[u8; 2], Error> {
 /// holds `check`) is CHECKSUM_PARTIAL. BPF cannot read `ip_summed`; the
 /// L4 checksum helper reveals it by how it folds an address change into
 /// the field (see `csum::classify_after_addr_update`), so this feeds it a
-/// made-up one. The field is rewritten from scratch afterwards.
+/// made-up one. The field is rewritten from scratch afterwards. An XDP
+/// frame's checksum is always complete.
 #[inline(always)]
 fn is_checksum_partial<C: PacketContext>(ctx: &C, pkt: &Packet, check: u16) -> Result<bool, Error> {
+    if C::L4_CSUM_COMPLETE {
+        return Ok(false);
+    }
     const PROBE_FROM: u32 = 0;
     const PROBE_TO: u32 = 1;
     let csum_off = pkt.l4_csum_off();
     ctx.replace_l4_csum(csum_off, PROBE_FROM, PROBE_TO, L4Field::Addr, false)
         .map_err(|_| Error::RejectFailed)?;
-    let field: *const [u8; 2] = ptr_at(ctx, csum_off).ok_or(Error::RejectFailed)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Error::RejectFailed)?;
+    let field: *const [u8; 2] =
+        ptr_at(ctx, parse::l4_off_of(ip) + pkt.l4_csum_field()).ok_or(Error::RejectFailed)?;
     // SAFETY: bounds-checked just above, no helper call since.
     let after = u16::from_ne_bytes(unsafe { *field });
     Ok(
@@ -132,7 +141,8 @@ struct ResetHeaders {
 #[inline(always)]
 fn tcp_reset<C: PacketContext>(ctx: &C, pkt: &Packet) -> Result<(), Error> {
     let macs = swapped_macs(ctx)?;
-    let tcp: *const TcpHdr = ptr_at(ctx, pkt.l4_off).ok_or(Error::RejectFailed)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Error::RejectFailed)?;
+    let tcp: *const TcpHdr = ptr_at(ctx, parse::l4_off_of(ip)).ok_or(Error::RejectFailed)?;
     // SAFETY: `ptr_at` checked the fixed TCP header; the data-offset byte is
     // inside it.
     let (their_seq, their_ack, doff, their_check) = unsafe {

@@ -31,6 +31,21 @@ pub fn forward(service_id: u32, backend_id: u32, len: u32, new_flow: bool) {
     }
 }
 
+/// A flow created for `service_id` to `backend_id` whose first packet is
+/// counted elsewhere (XDP created it and handed the packet to TC, which
+/// counts the packet as established).
+#[inline(always)]
+pub fn new_flow(service_id: u32, backend_id: u32) {
+    if let Some(stats) = LB_SERVICE_STATS.get_ptr_mut(service_id & (MAX_SERVICE_STATS - 1)) {
+        // SAFETY: as in `forward`.
+        unsafe { (*stats).new_flows += 1 };
+    }
+    if let Some(stats) = LB_BACKEND_STATS.get_ptr_mut(backend_id & (MAX_BACKEND_STATS - 1)) {
+        // SAFETY: as in `forward`.
+        unsafe { (*stats).new_flows += 1 };
+    }
+}
+
 /// A backend packet of `len` bytes reverse-translated.
 #[inline(always)]
 pub fn reply(service_id: u32, backend_id: u32, len: u32) {

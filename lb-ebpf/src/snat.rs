@@ -1,0 +1,125 @@
+//! Translated source ports of source-translated flows (`LB_SNAT`).
+//!
+//! A flow gets a port when it is created ([`allocate`]): from a random
+//! start in the configured range, a few consecutive ports are tried, each
+//! claimed with an insert that fails if the port is taken for the same
+//! backend address, port and protocol (the key of `LB_SNAT`: the reply's
+//! view, so the translated address itself is not part of it). A taken
+//! port whose owner is gone (its flow deleted, expired, or holding another
+//! port or backend by now) is stale and taken over. The port is given back
+//! when the flow's TCP connection closes ([`release`]); a flow that just
+//! expires leaves a stale entry, reused by a later allocation or reclaimed
+//! by the LRU.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_get_prandom_u32,
+};
+use lb_common::{
+    backend::Backend,
+    conntrack::{FLOW_F_SNAT, Flow, FlowKey},
+    nat::SnatKey,
+    proto,
+};
+
+use crate::{
+    config::Config,
+    conntrack::{self, Now},
+    error::Error,
+    maps::{LB_CONNTRACK, LB_SNAT},
+    parse::Packet,
+};
+
+/// Ports tried per new flow before giving up (`Counter::NoNatPort`). With
+/// a random start, 8 tries find a free port unless the range is nearly
+/// full for this backend.
+const ALLOCATION_ATTEMPTS: u32 = 8;
+
+/// Claims a translated source port (network byte order) for flow `key`
+/// to `backend`.
+#[inline(always)]
+pub fn allocate(key: &FlowKey, backend: &Backend, config: &Config, now: Now) -> Result<u16, Error> {
+    let min = u32::from(config.nat_port_min);
+    // `Config` keeps min <= max; written so the compiler sees 1..=65536
+    // (a division it cannot prove non-zero would pull in a panic path).
+    let range = u32::from(config.nat_port_max.wrapping_sub(config.nat_port_min)) + 1;
+    // SAFETY: plain helper call.
+    let mut offset = unsafe { bpf_get_prandom_u32() } % range;
+    for _ in 0..ALLOCATION_ATTEMPTS {
+        let port = ((min + offset) as u16).to_be();
+        let snat_key = SnatKey::new(backend.addr, backend.port, port, key.proto);
+        if LB_SNAT
+            .insert(&snat_key, key, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port);
+        }
+        if is_stale(&snat_key, key, config, now)
+            && LB_SNAT.insert(&snat_key, key, u64::from(BPF_ANY)).is_ok()
+        {
+            return Ok(port);
+        }
+        offset += 1;
+        if offset == range {
+            offset = 0;
+        }
+    }
+    Err(Error::NoNatPort)
+}
+
+/// Whether the port of `snat_key` may be taken over by flow `own`: its
+/// entry is gone, or belongs to `own` itself (whose expired flow is being
+/// replaced), or to a flow that no longer holds it.
+#[inline(always)]
+fn is_stale(snat_key: &SnatKey, own: &FlowKey, config: &Config, now: Now) -> bool {
+    let Some(owner) = LB_SNAT.get_ptr(snat_key) else {
+        return true;
+    };
+    // SAFETY: copied at once, before any map update.
+    let owner: FlowKey = unsafe { *owner };
+    if owner == *own {
+        return true;
+    }
+    let Some(flow) = LB_CONNTRACK.get_ptr(&owner) else {
+        return true;
+    };
+    // SAFETY: copied at once, before any map update.
+    let flow: Flow = unsafe { *flow };
+    !holds(&flow, snat_key) || conntrack::is_expired(&flow, owner.proto == proto::TCP, now, config)
+}
+
+/// Whether `flow` is the source-translated flow that `snat_key` names.
+#[inline(always)]
+const fn holds(flow: &Flow, snat_key: &SnatKey) -> bool {
+    flow.flags & FLOW_F_SNAT != 0
+        && flow.nat_port == snat_key.nat_port
+        && flow.backend_addr == snat_key.backend_addr
+        && flow.backend_port == snat_key.backend_port
+}
+
+/// The flow a backend's reply to a translated port belongs to: its key, a
+/// pointer to its entry and a copy, if `LB_SNAT` names a flow that still
+/// holds that port.
+#[inline(always)]
+pub fn reply_flow(pkt: &Packet) -> Option<(FlowKey, *mut Flow, Flow)> {
+    let snat_key = SnatKey::new(pkt.src_addr, pkt.src_port, pkt.dst_port, pkt.proto);
+    // SAFETY: copied at once, before any map update.
+    let key: FlowKey = unsafe { *LB_SNAT.get_ptr(&snat_key)? };
+    let entry = conntrack::lookup(&key)?;
+    // SAFETY: the entry pointer is valid for this run; copied before any
+    // map update.
+    let flow: Flow = unsafe { *entry };
+    holds(&flow, &snat_key).then_some((key, entry, flow))
+}
+
+/// Gives back the translated port of `flow` (protocol `proto`).
+#[inline(always)]
+pub fn release(flow: &Flow, proto: u8) {
+    release_port(flow.backend_addr, flow.backend_port, flow.nat_port, proto);
+}
+
+/// Gives back translated port `nat_port` of backend `backend_addr:backend_port`.
+#[inline(always)]
+pub fn release_port(backend_addr: u32, backend_port: u16, nat_port: u16, proto: u8) {
+    let _ = LB_SNAT.remove(&SnatKey::new(backend_addr, backend_port, nat_port, proto));
+}
