@@ -543,7 +543,7 @@ impl Datapath {
                 warn!(
                     iface,
                     error = native.as_str(),
-                    "{iface} refused native XDP ({native}): {PROG_XDP_EXTERNAL} runs in generic (SKB) mode, slower"
+                    "{iface} refused native XDP: {PROG_XDP_EXTERNAL} runs in generic (SKB) mode, slower"
                 );
                 (link, XdpMode::Skb)
             }
@@ -736,9 +736,9 @@ fn detach_error(program: &'static str, iface: &str, source: ProgramError) -> Loa
 pub fn xdp_mode_name(mode: XdpMode) -> &'static str {
     match mode {
         XdpMode::Default => "default",
-        XdpMode::Skb => "generic (SKB)",
-        XdpMode::Driver => "native (driver)",
-        XdpMode::Hardware => "offloaded (hardware)",
+        XdpMode::Skb => "generic",
+        XdpMode::Driver => "native",
+        XdpMode::Hardware => "offloaded",
     }
 }
 
