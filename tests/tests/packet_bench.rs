@@ -1,7 +1,9 @@
 //! ns/packet of `lb_tc_pod` for a new TCP flow (random selection; with
 //! ClientIP affinity, hit and miss; with Maglev), an established one and a
 //! packet that is no service's, measured with the replay wrapper of
-//! `lb_tests::packet::bench` (see there why plain `repeat` is wrong).
+//! `lb_tests::packet::bench` (see there why plain `repeat` is wrong); and
+//! every hot path of `lb_tc_pod` and `lb_xdp_ext` the way `cargo xtask
+//! bench` measures them, with small maps (`hot_paths_tc_and_xdp`).
 //!
 //! Ignored by default (timing, not correctness; it needs a quiet machine):
 //!
@@ -274,4 +276,27 @@ fn add_variants(datapath: &mut Datapath) {
             .set_service(&sa(frontend), proto::TCP, &value)
             .expect("write the frontend");
     }
+}
+
+/// The program-cost part of `cargo xtask bench` with one service and no
+/// other flows: every TC and XDP hot path (the XDP ones NodePort packets on
+/// the external interface of a test namespace), printed as the report's
+/// table.
+#[test]
+#[ignore = "timing measurement; run explicitly with --ignored"]
+fn hot_paths_tc_and_xdp() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let plan = lb_tests::bench::Plan {
+        prog_services: vec![1],
+        prog_flows: vec![0],
+        // New-flow clients step through 198.18.0.0/16: 2 * runs * rounds
+        // addresses must fit.
+        prog_runs: 2_000,
+        prog_rounds: ROUNDS,
+        ..lb_tests::bench::Plan::smoke()
+    };
+    let results = lb_tests::bench::prog::measure(&plan, &mut |what| eprintln!("{what}"))
+        .expect("measure the hot paths");
+    println!("{}", lb_tests::bench::report::prog_table(&results));
 }

@@ -107,7 +107,7 @@ pub fn prog_table(prog: &ProgResults) -> String {
     let mut flows: Vec<u32> = prog.rows.iter().map(|row| row.flows).collect();
     flows.sort_unstable();
     flows.dedup();
-    let mut text = String::from("| hot path (TC) | flows |");
+    let mut text = String::from("| hot path | flows |");
     for s in &services {
         let _ = write!(text, " {} services |", count(*s));
     }
@@ -244,15 +244,18 @@ fn grew(small: &Summary, large: &Summary) -> bool {
 pub fn goals(results: &Results) -> Vec<Goal> {
     let prog = &results.prog;
     let mut goals = Vec::new();
-    for (path, limit, katran) in [
-        (HotPath::Established, 67.0, 134),
-        (HotPath::NewFlow, 230.0, 284),
-        (HotPath::NoService, 35.0, 69),
+    for (path, tc_path, limit, katran) in [
+        (HotPath::XdpEstablished, HotPath::Established, 67.0, 134),
+        (HotPath::XdpNewFlow, HotPath::NewFlow, 230.0, 284),
+        (HotPath::XdpNoService, HotPath::NoService, 35.0, 69),
     ] {
-        let measured = match path_figures(prog, path) {
+        let xdp = path_figures(prog, path);
+        let tc = path_figures(prog, tc_path).map_or(String::new(), |(first, worst)| {
+            format!("; TC for comparison: {first:.0} ns, worst {worst:.0} ns")
+        });
+        let measured = match xdp {
             Some((first, worst)) => format!(
-                "TC: {first:.0} ns with the smallest maps, {worst:.0} ns worst of the grid (would {} at TC); XDP: no XDP program exists yet",
-                if worst <= limit { "meet it" } else { "miss it" }
+                "XDP: {first:.0} ns with the smallest maps, {worst:.0} ns worst of the grid{tc}"
             ),
             None => "not measured".to_owned(),
         };
@@ -262,7 +265,9 @@ pub fn goals(results: &Results) -> Vec<Goal> {
                 path.label()
             ),
             measured,
-            met: None,
+            // Met only if it holds over the whole grid, not just with
+            // near-empty maps.
+            met: xdp.map(|(_, worst)| worst <= limit),
         });
     }
     let mut services: Vec<u32> = prog.rows.iter().map(|row| row.services).collect();
@@ -411,10 +416,7 @@ pub fn plots(results: &Results) -> Vec<(&'static str, String)> {
     let least_flows = flows.first().copied().unwrap_or(0);
     let least_services = services.first().copied().unwrap_or(1);
     let by_services = BarChart {
-        title: format!(
-            "lb_tc_pod ns/packet by services ({} flows)",
-            count(least_flows)
-        ),
+        title: format!("ns/packet by services ({} flows)", count(least_flows)),
         y_label: "ns/packet".into(),
         categories: services
             .iter()
@@ -433,7 +435,7 @@ pub fn plots(results: &Results) -> Vec<(&'static str, String)> {
     };
     let by_flows = BarChart {
         title: format!(
-            "lb_tc_pod ns/packet by tracked flows ({} services)",
+            "ns/packet by tracked flows ({} services)",
             count(least_services)
         ),
         y_label: "ns/packet".into(),
@@ -539,11 +541,11 @@ pub fn markdown(results: &Results, machine: &Machine) -> String {
     text.push_str("## Goals\n\n");
     text.push_str(&goals_table(&goals(results)));
     text.push_str(
-        "\nThe per-packet goals are stated for XDP, which does not exist yet; the TC program is measured instead and the goals stay open until an XDP program is measured the same way.\n\n",
+        "\nThe per-packet goals are stated for XDP and judged on the worst median over the whole grid of services and flows (section 1); the XDP figures are for `lb_xdp_ext` on NodePort packets to a backend on this node, the TC figures of `lb_tc_pod` are listed for comparison.\n\n",
     );
     let _ = writeln!(
         text,
-        "## 1. Program cost (`BPF_PROG_TEST_RUN`)\n\nns per packet of `lb_tc_pod`, median (min–max) over {} rounds of {} runs. Each run goes through the `lb-bench` replay wrapper, which restores the original packet before every run and tail-calls `lb_tc_pod`; the same wrapper tail-calling an empty program is measured in the same round and subtracted. After every round the datapath's counters must have moved by exactly one count per run on the expected counter (established, new_flow, reply, pass) and by nothing else, and the last run's verdict and output frame must be the expected ones; new flows step the client address every run and are deleted (and counted) after each round. The maps are filled from userspace: filler services each have a frontend, a slot, a backend and its reverse-NAT entry; filler flows are conntrack entries of other clients. XDP: no XDP program exists yet.\n",
+        "## 1. Program cost (`BPF_PROG_TEST_RUN`)\n\nns per packet of `lb_tc_pod` (TC rows) and `lb_xdp_ext` (XDP rows), median (min–max) over {} rounds of {} runs. Each run goes through the `lb-bench` replay wrapper (a TC and an XDP one), which restores the original packet before every run and tail-calls the program under test; the same wrapper tail-calling an empty program is measured in the same round and subtracted. After every round the datapath's counters must have moved by exactly one count per run on each of the expected counters (established, new_flow, reply, pass; forwarded for XDP_TX) and by nothing else, and the last run's verdict and output frame must be the expected ones; new flows step the client address every run and are deleted (and counted, with their LB_SNAT entries) after each round. The XDP runs are made in a network namespace with the external interface as `ingress_ifindex`, fixed routes and permanent neighbours: the NodePort rows go to a backend on this node (DNAT, XDP_PASS), the remote-backend rows to a backend on another node (DNAT + SNAT to the node address, FIB lookup, XDP_TX with the looked-up MACs). The maps are filled from userspace: filler services each have a frontend, a slot, a backend and its reverse-NAT entry; filler flows are conntrack entries of other clients.\n",
         results.prog.rounds, results.prog.runs
     );
     text.push_str(&prog_table(&results.prog));
