@@ -298,6 +298,12 @@ enum InspectWhat {
     Counters,
     /// ClientIP session affinities: service id, client, backend, idle time.
     Affinity,
+    /// Source-translated flows (LB_SNAT): backend, translated port, client,
+    /// service id.
+    Snat,
+    /// Client ranges of loadBalancerSourceRanges (LB_SRC_RANGES), by
+    /// service id.
+    SourceRanges,
 }
 
 fn init_logging(format: LogFormat, datapath_log: bool) -> anyhow::Result<()> {
@@ -425,6 +431,22 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 inspect::affinity_table(&entries).to_string()
             }
         }
+        InspectWhat::Snat => {
+            let entries = inspect::snat(&args.pin_dir).with_context(context)?;
+            if args.json {
+                serde_json::to_string_pretty(&entries)?
+            } else {
+                inspect::snat_table(&entries).to_string()
+            }
+        }
+        InspectWhat::SourceRanges => {
+            let entries = inspect::source_ranges(&args.pin_dir).with_context(context)?;
+            if args.json {
+                serde_json::to_string_pretty(&entries)?
+            } else {
+                inspect::source_ranges_table(&entries).to_string()
+            }
+        }
     };
     println!("{output}");
     Ok(())
@@ -513,6 +535,17 @@ mod tests {
         assert_eq!((args.max_snat_flows, args.max_source_ranges), (1024, 64));
         // Some interface is still needed.
         assert!(run_args(&["--manifests", "/m"]).is_err());
+    }
+
+    #[test]
+    fn inspect_lists_snat_flows_and_source_ranges() {
+        for (what, expected) in [("snat", "Snat"), ("source-ranges", "SourceRanges")] {
+            let cli = Cli::try_parse_from(["lb-agent", "inspect", what]).unwrap();
+            match cli.command {
+                Command::Inspect(args) => assert_eq!(format!("{:?}", args.what), expected),
+                Command::Run(_) => unreachable!("parsed `inspect`"),
+            }
+        }
     }
 
     #[test]
