@@ -141,7 +141,9 @@ struct RunArgs {
     #[arg(long)]
     keep_pins: bool,
 
-    /// Capacity of LB_SERVICES: frontends (ClusterIP, port, protocol).
+    /// Capacity of LB_SERVICES: frontends (address, port, protocol): each
+    /// ClusterIP port, each NodePort once per node address, each
+    /// load-balancer ingress IP and external IP port.
     #[arg(long, value_name = "N", default_value_t = defaults::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
     max_services: u32,
 
