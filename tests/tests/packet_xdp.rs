@@ -41,7 +41,7 @@ use lb_tests::packet::{
         CLIENT_ADDR, CLIENT_MAC, CLIENT2_ADDR, CLIENT2_MAC, FibNet, LOCAL_POD, NODE_ADDR, NODE_MAC,
         NODE2_MAC,
     },
-    frame::{Frame, HOST_MAC, POD_MAC, TCP_ACK, TCP_PSH, TCP_SYN, describe, hexdump},
+    frame::{Frame, HOST_MAC, POD_MAC, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, describe, hexdump},
 };
 
 const CLIENT_PORT: u16 = 40000;
@@ -106,6 +106,14 @@ const BACKEND_HAIRPIN: SocketAddrV4 = pod(8083);
 const SVC_LOCAL_UDP: u32 = 11;
 const NODEPORT_LOCAL_UDP: SocketAddrV4 = node(30054);
 const BACKEND_LOCAL_UDP: SocketAddrV4 = pod(5354);
+/// NodePort to a backend behind another interface of the node.
+const SVC_OTHER_IFACE: u32 = 12;
+const NODEPORT_OTHER_IFACE: SocketAddrV4 = node(30083);
+const BACKEND_OTHER_IFACE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 128, 10), 8080);
+/// NodePort to a backend behind a blackhole route.
+const SVC_BLACKHOLE: u32 = 13;
+const NODEPORT_BLACKHOLE: SocketAddrV4 = node(30084);
+const BACKEND_BLACKHOLE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 160, 10), 8080);
 
 struct Service {
     spec: ServiceSpec,
@@ -223,6 +231,22 @@ fn cluster() -> Vec<Service> {
             EXT,
             true,
         ),
+        service(
+            SVC_OTHER_IFACE,
+            NODEPORT_OTHER_IFACE,
+            proto::TCP,
+            Some(BACKEND_OTHER_IFACE),
+            EXT,
+            false,
+        ),
+        service(
+            SVC_BLACKHOLE,
+            NODEPORT_BLACKHOLE,
+            proto::TCP,
+            Some(BACKEND_BLACKHOLE),
+            EXT,
+            false,
+        ),
     ]
 }
 
@@ -296,6 +320,13 @@ enum Step {
     Flow(FlowCheck),
     FlowAbsent {
         key: FlowKey,
+    },
+    /// `LB_SNAT` must hold exactly this many entries.
+    SnatEntries(usize),
+    /// A map update between packets, as the agent would make it.
+    Update {
+        what: &'static str,
+        apply: fn(&mut Datapath) -> lb_tests::packet::Result<()>,
     },
     /// The service's per-service drop counter for `reason` must be `total`.
     ServiceDrops {
@@ -930,6 +961,142 @@ fn scenarios() -> Vec<Scenario> {
         ],
     });
 
+    // The route to the backend leaves through another interface: XDP
+    // cannot transmit there (a redirect to a veth needs its peer's NAPI),
+    // so it hands the packet to lb_tc_ext, which redirects.
+    let (syn, _) = client_tcp(CLIENT, NODEPORT_OTHER_IFACE);
+    let syn_tc = syn.clone();
+    scenarios.push(Scenario {
+        name: "NodePort to a backend behind another interface: XDP hands to lb_tc_ext",
+        steps: vec![
+            packet(
+                "SYN at XDP: passed untouched",
+                XDP,
+                fixed(syn.clone()),
+                XDP_PASS,
+                Expect::Unchanged,
+                &[(Counter::NewFlow, 1), (Counter::XdpToTc, 1)],
+            ),
+            Step::Flow(FlowCheck {
+                key: flow_key(CLIENT, proto::TCP, SVC_OTHER_IFACE),
+                backend: BACKEND_OTHER_IFACE,
+                flags: FLOW_F_SNAT | FLOW_F_EXTERNAL,
+            }),
+            packet(
+                "the same SYN at lb_tc_ext: translated and redirected",
+                TC_EXT,
+                fixed(syn),
+                TC_ACT_REDIRECT,
+                Expect::Exactly(learned(move |learned| {
+                    dnat_snat(
+                        &syn_tc,
+                        BACKEND_OTHER_IFACE,
+                        NODE_ADDR,
+                        learned.nat_port(),
+                        None,
+                    )
+                })),
+                &[(Counter::Established, 1), (Counter::Forwarded, 1)],
+            ),
+        ],
+    });
+
+    let (syn, _) = client_tcp(CLIENT, NODEPORT_BLACKHOLE);
+    let (remote_syn, _) = client_tcp(CLIENT2, NODEPORT_REMOTE);
+    scenarios.push(Scenario {
+        name: "no route, no SNAT address: dropped and counted",
+        steps: vec![
+            packet(
+                "SYN to a backend behind a blackhole route",
+                XDP,
+                fixed(syn),
+                XDP_DROP,
+                Expect::Unchanged,
+                &[(Counter::NoRoute, 1)],
+            ),
+            Step::ServiceDrops {
+                service_id: SVC_BLACKHOLE,
+                reason: DropReason::NoRoute,
+                total: 1,
+            },
+            Step::Update {
+                what: "no node address known (snat_addr 0)",
+                apply: |datapath| datapath.set_config(&DatapathConfig::DEFAULT),
+            },
+            packet(
+                "SYN that needs SNAT without an address",
+                XDP,
+                fixed(remote_syn),
+                XDP_DROP,
+                Expect::Unchanged,
+                &[(Counter::NoNatAddr, 1)],
+            ),
+            Step::FlowAbsent {
+                key: flow_key(CLIENT2, proto::TCP, SVC_REMOTE),
+            },
+            Step::ServiceDrops {
+                service_id: SVC_REMOTE,
+                reason: DropReason::NoNat,
+                total: 1,
+            },
+        ],
+    });
+
+    // A source-translated TCP flow that ends (RST) frees its port.
+    let (syn, _) = client_tcp(CLIENT, NODEPORT_REMOTE);
+    let rst = from_client(Frame::tcp(CLIENT, NODEPORT_REMOTE, TCP_RST));
+    let syn_out = syn.clone();
+    let rst_out = rst.clone();
+    scenarios.push(Scenario {
+        name: "a source-translated TCP flow that ends frees its LB_SNAT entry",
+        steps: vec![
+            packet_creating(
+                packet(
+                    "SYN to the NodePort",
+                    XDP,
+                    fixed(syn),
+                    XDP_TX,
+                    Expect::Exactly(learned(move |learned| {
+                        dnat_snat(
+                            &syn_out,
+                            BACKEND_REMOTE,
+                            NODE_ADDR,
+                            learned.nat_port(),
+                            Some((NODE_MAC, NODE2_MAC)),
+                        )
+                    })),
+                    &[(Counter::NewFlow, 1), (Counter::Forwarded, 1)],
+                ),
+                FlowCheck {
+                    key: flow_key(CLIENT, proto::TCP, SVC_REMOTE),
+                    backend: BACKEND_REMOTE,
+                    flags: FLOW_F_SNAT | FLOW_F_EXTERNAL,
+                },
+            ),
+            Step::SnatEntries(1),
+            packet(
+                "the client's RST, still translated",
+                XDP,
+                fixed(rst),
+                XDP_TX,
+                Expect::Exactly(learned(move |learned| {
+                    dnat_snat(
+                        &rst_out,
+                        BACKEND_REMOTE,
+                        NODE_ADDR,
+                        learned.nat_port(),
+                        Some((NODE_MAC, NODE2_MAC)),
+                    )
+                })),
+                &[(Counter::Established, 1), (Counter::Forwarded, 1)],
+            ),
+            Step::FlowAbsent {
+                key: flow_key(CLIENT, proto::TCP, SVC_REMOTE),
+            },
+            Step::SnatEntries(0),
+        ],
+    });
+
     scenarios
 }
 
@@ -1056,6 +1223,19 @@ fn run_scenario(scenario: &Scenario, fib: &FibNet) -> Result<(), String> {
                 backend,
                 flags,
             }) => check_flow(&mut datapath, key, *backend, *flags, &mut learned)?,
+            Step::SnatEntries(total) => {
+                let entries = datapath
+                    .snat_entries()
+                    .map_err(|error| format!("LB_SNAT: {error:?}"))?;
+                if entries.len() != *total {
+                    return Err(format!(
+                        "LB_SNAT holds {entries:?}, expected {total} entries"
+                    ));
+                }
+            }
+            Step::Update { what, apply } => {
+                apply(&mut datapath).map_err(|error| format!("update '{what}': {error:?}"))?;
+            }
             Step::FlowAbsent { key } => {
                 let flow = datapath
                     .flow(key)

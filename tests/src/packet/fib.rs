@@ -18,6 +18,9 @@
 //! | node 3 | [`NODE3_ADDR`] | none | no neighbour entry (`NO_NEIGH`); routes [`NODE3_PODS`]/24 |
 //! | external clients | [`CLIENT_ADDR`], [`CLIENT2_ADDR`] | [`CLIENT_MAC`], [`CLIENT2_MAC`] | permanent neighbours on `ext0` |
 //! | a local pod behind `pod0` | [`LOCAL_POD`] | `frame::POD_MAC` (host side `frame::HOST_MAC`) | /32 route and permanent neighbour on `pod0` |
+//! | the node, on `ext1` | [`NODE_ADDR_2`]/24 | [`NODE_MAC_2`] | a second network |
+//! | node 4, on `ext1` | [`NODE4_ADDR`] | [`NODE4_MAC`] | permanent neighbour on `ext1`; routes [`NODE4_PODS`]/24 |
+//! | nowhere | [`BLACKHOLE_PODS`]/24 | | a blackhole route |
 //!
 //! `net.ipv4.ip_forward` is on: a FIB lookup for a packet arriving on an
 //! interface without forwarding reports `FWD_DISABLED`.
@@ -35,6 +38,9 @@ use super::{PacketError, Result};
 /// The external interface and its veth peer (both in the namespace).
 pub const EXT_IFACE: &str = "ext0";
 const EXT_PEER: &str = "ext0p";
+/// A second interface of the node, on another network.
+pub const OTHER_IFACE: &str = "ext1";
+const OTHER_PEER: &str = "ext1p";
 /// The host side of the local pod's veth, and its peer (the pod's eth0,
 /// kept in the same namespace: only its MAC matters here).
 pub const POD_IFACE: &str = "pod0";
@@ -56,6 +62,15 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 101);
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x02, 0x65];
 pub const CLIENT2_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 150);
 pub const CLIENT2_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x02, 0x96];
+/// This node's address on [`OTHER_IFACE`].
+pub const NODE_ADDR_2: Ipv4Addr = Ipv4Addr::new(198, 18, 252, 1);
+pub const NODE_MAC_2: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x11];
+/// A node reached through [`OTHER_IFACE`]; its pods are [`NODE4_PODS`]/24.
+pub const NODE4_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 252, 4);
+pub const NODE4_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x04];
+pub const NODE4_PODS: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 0);
+/// Pods behind a blackhole route.
+pub const BLACKHOLE_PODS: Ipv4Addr = Ipv4Addr::new(198, 18, 160, 0);
 /// A pod on this node, behind [`POD_IFACE`].
 pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(198, 18, 32, 10);
 
@@ -86,6 +101,7 @@ impl FibNet {
         for (iface, peer, mac) in [
             (EXT_IFACE, EXT_PEER, NODE_MAC),
             (POD_IFACE, POD_PEER, HOST_MAC),
+            (OTHER_IFACE, OTHER_PEER, NODE_MAC_2),
         ] {
             command::run(
                 "ip",
@@ -100,7 +116,14 @@ impl FibNet {
         }
         ns.ip(&["link", "set", POD_PEER, "address", &mac_text(&POD_MAC)])
             .map_err(setup_error)?;
-        for iface in [EXT_IFACE, EXT_PEER, POD_IFACE, POD_PEER] {
+        for iface in [
+            EXT_IFACE,
+            EXT_PEER,
+            POD_IFACE,
+            POD_PEER,
+            OTHER_IFACE,
+            OTHER_PEER,
+        ] {
             ns.ip(&["link", "set", iface, "up"]).map_err(setup_error)?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1").map_err(setup_error)?;
@@ -120,6 +143,21 @@ impl FibNet {
             route(&format!("{NODE3_PODS}/24"), Some(NODE3_ADDR), EXT_IFACE),
             route(&format!("{LOCAL_POD}/32"), None, POD_IFACE),
             neighbour(LOCAL_POD, &POD_MAC, POD_IFACE),
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{NODE_ADDR_2}/24"),
+                "dev".into(),
+                OTHER_IFACE.into(),
+            ],
+            neighbour(NODE4_ADDR, &NODE4_MAC, OTHER_IFACE),
+            route(&format!("{NODE4_PODS}/24"), Some(NODE4_ADDR), OTHER_IFACE),
+            vec![
+                "route".into(),
+                "add".into(),
+                "blackhole".into(),
+                format!("{BLACKHOLE_PODS}/24"),
+            ],
         ];
         for args in &commands {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
