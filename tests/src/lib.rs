@@ -33,3 +33,4 @@ pub mod packet;
 pub mod topology;
 pub mod traffic;
 pub mod wait;
+pub mod xdp_pass;

@@ -16,10 +16,11 @@
 //! whatever is routed to a node on purpose ([`ExternalClient::route_via`]:
 //! a load-balancer IP or an external IP, as a router or MetalLB would).
 //! The network's veths carry what a wire carries: TX checksum offload is
-//! off on both ends, so no packet crosses with a partial checksum; and GRO
-//! is on for the bridge-side peers of node interfaces, which gives them the
-//! NAPI instance that receives the frames a node's XDP program sends back
-//! out with XDP_TX.
+//! off on both ends, so no packet crosses with a partial checksum; and the
+//! bridge-side peers of node interfaces take the frames a node's XDP
+//! program sends back out with XDP_TX as a NIC's wire would: GRO on gives
+//! them the NAPI instance that receives such frames, and a do-nothing XDP
+//! program ([`crate::xdp_pass`]) makes the kernel wake it after each burst.
 //!
 //! Addressing, all inside 198.18.0.0/15 (RFC 2544 benchmarking space):
 //! pod `k` of node `n` has subnet `198.18.<32n+k>.0/24`, the node side is
@@ -40,6 +41,7 @@ use crate::error::Result;
 use crate::ethtool::{self, Feature};
 use crate::names;
 use crate::netns::NetNs;
+use crate::xdp_pass::XdpPass;
 
 /// Pods per node the addressing plan has room for.
 pub const MAX_PODS_PER_NODE: usize = 32;
@@ -170,8 +172,10 @@ impl Testbed {
         network.connect(&node.ns, &port, addr)?;
         // The bridge-side peer receives what the node's XDP program sends
         // back out of eth0 with XDP_TX: that needs its NAPI, which GRO
-        // switches on.
+        // switches on, and an XDP program of its own, without which the
+        // sender never wakes that NAPI (see `xdp_pass`).
         ethtool::set(&network.ns, &port, Feature::Gro, true)?;
+        let xdp_pass = XdpPass::attach(&network.ns, &port)?;
         node.network_addr = Some(addr);
         for other in &self.nodes {
             let Some(other_addr) = other.network_addr else {
@@ -194,6 +198,11 @@ impl Testbed {
                 &addr.to_string(),
             ])?;
         }
+        self.network
+            .as_mut()
+            .expect("created above")
+            .xdp_passes
+            .push(xdp_pass);
         self.nodes.push(node);
         Ok(self.nodes.last_mut().expect("just pushed"))
     }
@@ -222,7 +231,10 @@ impl Testbed {
             let ns = NetNs::create(format!("{}-net", self.name))?;
             ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
             ns.ip(&["link", "set", BRIDGE, "up"])?;
-            self.network = Some(Network { ns });
+            self.network = Some(Network {
+                xdp_passes: Vec::new(),
+                ns,
+            });
         }
         Ok(self.network.as_ref().expect("just created"))
     }
@@ -276,6 +288,8 @@ impl Testbed {
 /// namespace holding a bridge.
 #[derive(Debug)]
 struct Network {
+    // Detached before the namespace goes.
+    xdp_passes: Vec<XdpPass>,
     ns: NetNs,
 }
 

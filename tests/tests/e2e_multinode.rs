@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::counters::Counter;
+use lb_tests::agent::xdp_program;
 use lb_tests::command;
 use lb_tests::ethtool::{self, Feature};
 use lb_tests::fixture::{MultiNode, MultiNodeSpec, node_pod_name};
@@ -73,7 +74,12 @@ fn nodes_pods_and_external_clients_talk_over_the_network() {
     }
     for port in ["n0", "n1"] {
         assert!(ethtool::get(network, port, Feature::Gro).expect("ethtool"));
+        let xdp = xdp_program(network, port)
+            .expect("query XDP")
+            .unwrap_or_else(|| panic!("no XDP program on {port}"));
+        assert_eq!(xdp.program, "lbt_xdp_pass", "{xdp:?}");
     }
+    assert_eq!(xdp_program(network, "c0").expect("query XDP"), None);
     let bridge_ports = network
         .ip(&["-o", "link", "show", "master", "br0"])
         .expect("ip link");
