@@ -210,6 +210,15 @@ impl KubeSource {
         observer: Arc<dyn WatchObserver>,
     ) -> Result<Self, KubeError> {
         let client = Client::try_from(config).map_err(KubeError::Client)?;
+        Ok(Self::start_with_client(client, scope, observer))
+    }
+
+    /// Starts the reflectors on an existing client.
+    pub fn start_with_client(
+        client: Client,
+        scope: &Scope,
+        observer: Arc<dyn WatchObserver>,
+    ) -> Self {
         let changes = Arc::new(Notify::new());
         let selector = label_selector(scope.service_proxy_name.as_deref());
         let services = reflect(
@@ -235,7 +244,7 @@ impl KubeSource {
                 observer,
             )
         });
-        Ok(Self {
+        Self {
             services,
             slices,
             node,
@@ -243,7 +252,7 @@ impl KubeSource {
             changes,
             started: jiff::Timestamp::now(),
             trigger_times: HashMap::new(),
-        })
+        }
     }
 
     /// Waits until every resource's first list is complete, so the first
@@ -351,6 +360,161 @@ impl KubeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::convert::Infallible;
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures::stream::{self, BoxStream};
+    use http_body_util::combinators::UnsyncBoxBody;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use hyper::{Request, Response};
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+
+    struct NoObserver;
+
+    impl WatchObserver for NoObserver {
+        fn watch_error(&self, _: &'static str) {}
+        fn list_completed(&self, _: &'static str) {}
+    }
+
+    type FakeBody = UnsyncBoxBody<Bytes, Infallible>;
+
+    fn json_response(value: &Value) -> Response<FakeBody> {
+        Response::new(Full::new(Bytes::from(value.to_string())).boxed_unsync())
+    }
+
+    fn node(addresses: &[(&str, &str)], resource_version: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a", "resourceVersion": resource_version},
+            "status": {"addresses": addresses
+                .iter()
+                .map(|(kind, address)| json!({"type": kind, "address": address}))
+                .collect::<Vec<_>>()},
+        })
+    }
+
+    /// An API server with no Services or EndpointSlices and one Node,
+    /// whose watch streams the events sent on `node_events` (the other
+    /// watches stay open and quiet). Only what the reflectors ask.
+    fn fake_api(initial_node: Value, node_events: mpsc::UnboundedReceiver<Value>) -> Client {
+        let node_events = Arc::new(Mutex::new(Some(node_events)));
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let node_events = Arc::clone(&node_events);
+            let initial_node = initial_node.clone();
+            async move {
+                let path = request.uri().path().to_owned();
+                let watch = request
+                    .uri()
+                    .query()
+                    .is_some_and(|query| query.split('&').any(|pair| pair == "watch=true"));
+                let (kind, items) = match path.as_str() {
+                    "/api/v1/nodes" => ("NodeList", vec![initial_node]),
+                    "/api/v1/services" => ("ServiceList", Vec::new()),
+                    "/apis/discovery.k8s.io/v1/endpointslices" => ("EndpointSliceList", Vec::new()),
+                    other => panic!("unexpected request for {other}"),
+                };
+                if !watch {
+                    return Ok::<_, Infallible>(json_response(&json!({
+                        "kind": kind,
+                        "apiVersion": "v1",
+                        "metadata": {"resourceVersion": "1"},
+                        "items": items,
+                    })));
+                }
+                let node_watch = match path.as_str() {
+                    "/api/v1/nodes" => node_events.lock().unwrap().take(),
+                    _ => None,
+                };
+                let events: BoxStream<'static, Result<Frame<Bytes>, Infallible>> = match node_watch
+                {
+                    Some(receiver) => stream::unfold(receiver, |mut receiver| async move {
+                        let object = receiver.recv().await?;
+                        let line = json!({"type": "MODIFIED", "object": object});
+                        Some((Ok(Frame::data(Bytes::from(format!("{line}\n")))), receiver))
+                    })
+                    .boxed(),
+                    None => stream::pending().boxed(),
+                };
+                Ok(Response::new(StreamBody::new(events).boxed_unsync()))
+            }
+        });
+        Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn node_addresses_follow_the_node() {
+        let (node_events, receiver) = mpsc::unbounded_channel();
+        let client = fake_api(
+            node(
+                &[("Hostname", "node-a"), ("InternalIP", "198.18.254.2")],
+                "1",
+            ),
+            receiver,
+        );
+        let scope = Scope {
+            node_name: Some("node-a".into()),
+            ..Scope::default()
+        };
+        let source = KubeSource::start_with_client(client, &scope, Arc::new(NoObserver));
+        tokio::time::timeout(Duration::from_secs(10), source.wait_synced())
+            .await
+            .expect("the initial lists")
+            .unwrap();
+        let addresses = source.node_addresses();
+        assert_eq!(addresses.addresses, [Ipv4Addr::new(198, 18, 254, 2)]);
+        assert_eq!(addresses.snat, Some(Ipv4Addr::new(198, 18, 254, 2)));
+
+        // The Node gets another InternalIP first and an ExternalIP: the
+        // source wakes up and reports them.
+        node_events
+            .send(node(
+                &[
+                    ("InternalIP", "198.18.254.3"),
+                    ("InternalIP", "198.18.254.2"),
+                    ("ExternalIP", "198.18.253.7"),
+                ],
+                "2",
+            ))
+            .unwrap();
+        let wanted = [
+            Ipv4Addr::new(198, 18, 254, 3),
+            Ipv4Addr::new(198, 18, 254, 2),
+            Ipv4Addr::new(198, 18, 253, 7),
+        ];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while source.node_addresses().addresses != wanted {
+                source.changed().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("still {:?}", source.node_addresses()));
+        assert_eq!(
+            source.node_addresses().snat,
+            Some(Ipv4Addr::new(198, 18, 254, 3))
+        );
+    }
+
+    #[test]
+    fn no_node_name_no_addresses() {
+        // Without --node-name there is no Node to watch.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_events, receiver) = mpsc::unbounded_channel();
+            let client = fake_api(node(&[("InternalIP", "198.18.254.2")], "1"), receiver);
+            let source =
+                KubeSource::start_with_client(client, &Scope::default(), Arc::new(NoObserver));
+            assert!(source.node.is_none());
+            assert_eq!(source.node_addresses(), NodeAddresses::default());
+        });
+    }
 
     #[test]
     fn selectors_are_kube_proxys() {
