@@ -3,7 +3,8 @@
 //! the root namespace): `lb_xdp_ext` in native mode on a veth and in
 //! generic mode on a driver without native XDP, `lb_tc_ext` at tcx ingress,
 //! both detached on shutdown; and the `lb-agent` binary with `--external`:
-//! node addresses from the interface, the SNAT address in `LB_CONFIG`,
+//! node addresses from the interface (and followed as they change), the
+//! SNAT address in `LB_CONFIG`,
 //! `--attach-veths` leaving the external interface to the external
 //! programs, and a health-check node port following its Service. Root and
 //! bpffs needed.
@@ -237,6 +238,9 @@ fn wait_until<T: std::fmt::Debug>(mut probe: impl FnMut() -> T, done: impl Fn(&T
 }
 
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 254, 2);
+/// Added later, in another subnet (deleting a primary address deletes the
+/// secondaries of its subnet).
+const SECOND_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 252, 2);
 const NODE_PORT: u16 = 30080;
 const HEALTH_PORT: u16 = 30999;
 
@@ -388,6 +392,51 @@ fn agent_runs_the_external_path() {
         |response| response.is_none(),
     );
     assert!(response.is_none(), "still served: {response:?}");
+
+    // The interface's addresses are read again now and then: a new one gets
+    // the NodePort, and when the first one goes, the SNAT address moves.
+    let node_ports = || -> Vec<SocketAddrV4> {
+        let mut frontends: Vec<SocketAddrV4> = lb_agent::inspect::services(pins.path())
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.frontend)
+            .filter(|frontend| frontend.port() == NODE_PORT)
+            .collect();
+        frontends.sort();
+        frontends
+    };
+    ip(&[
+        "-n",
+        &netns.name,
+        "addr",
+        "add",
+        &format!("{SECOND_NODE_ADDR}/24"),
+        "dev",
+        &host,
+    ]);
+    let both = [
+        SocketAddrV4::new(SECOND_NODE_ADDR, NODE_PORT),
+        SocketAddrV4::new(NODE_ADDR, NODE_PORT),
+    ];
+    assert_eq!(wait_until(node_ports, |frontends| *frontends == both), both);
+    ip(&[
+        "-n",
+        &netns.name,
+        "addr",
+        "del",
+        &format!("{NODE_ADDR}/24"),
+        "dev",
+        &host,
+    ]);
+    let second = [SocketAddrV4::new(SECOND_NODE_ADDR, NODE_PORT)];
+    assert_eq!(
+        wait_until(node_ports, |frontends| *frontends == second),
+        second
+    );
+    assert_eq!(
+        pinned_config(pins.path()).snat_addr.to_ne_bytes(),
+        SECOND_NODE_ADDR.octets()
+    );
 
     let status = agent.terminate();
     assert!(status.success(), "{status}; log:\n{}", agent.log());
