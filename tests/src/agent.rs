@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use lb_agent::inspect::{FlowEntry, ServiceEntry};
+use lb_agent::inspect::{FlowEntry, ServiceEntry, SnatEntry, SourceRangeEntry};
 
 use crate::dirs::PinDir;
 use crate::error::{Result, TestbedError};
@@ -343,6 +343,18 @@ impl Agent {
             .map_err(|error| format!("inspect counters: {error}"))
     }
 
+    /// The source-translated flows' `LB_SNAT` entries.
+    pub fn snat(&self) -> Result<Vec<SnatEntry>, String> {
+        lb_agent::inspect::snat(self.pin_dir.path())
+            .map_err(|error| format!("inspect snat: {error}"))
+    }
+
+    /// The `loadBalancerSourceRanges` in `LB_SRC_RANGES`.
+    pub fn source_ranges(&self) -> Result<Vec<SourceRangeEntry>, String> {
+        lb_agent::inspect::source_ranges(self.pin_dir.path())
+            .map_err(|error| format!("inspect source ranges: {error}"))
+    }
+
     /// One datapath counter (`Counter::name`), summed over CPUs.
     pub fn counter(&self, name: &str) -> Result<u64, String> {
         self.counters()?
@@ -380,6 +392,22 @@ impl Agent {
                 report.push_str(&format!("{} flows\n", flows.len()));
                 for flow in flows.iter().take(20) {
                     report.push_str(&format!("flow {flow:?}\n"));
+                }
+            }
+            Err(error) => report.push_str(&format!("{error}\n")),
+        }
+        match self.snat() {
+            Ok(entries) => {
+                for entry in entries.iter().take(20) {
+                    report.push_str(&format!("snat {entry:?}\n"));
+                }
+            }
+            Err(error) => report.push_str(&format!("{error}\n")),
+        }
+        match self.source_ranges() {
+            Ok(entries) => {
+                for entry in entries.iter().take(20) {
+                    report.push_str(&format!("source range {entry:?}\n"));
                 }
             }
             Err(error) => report.push_str(&format!("{error}\n")),

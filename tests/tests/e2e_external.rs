@@ -434,6 +434,18 @@ fn source_ranges_admit_one_client_and_refuse_another() {
             .unwrap_or_else(|error| panic!("{error}\n{}", agent.diagnostics()));
     }
 
+    let ranges = agent.source_ranges().expect("inspect source ranges");
+    let service_id = agent
+        .service(tcp_frontend, Protocol::Tcp)
+        .expect("inspect")
+        .expect("programmed")
+        .service_id;
+    assert!(
+        ranges.iter().any(|entry| entry.service_id == service_id
+            && entry.range == format!("{}/32", allowed.addr())),
+        "{ranges:?}"
+    );
+
     let exchange = allowed
         .tcp_request(tcp_frontend, "in range")
         .expect("TCP from the allowed client");
@@ -494,12 +506,36 @@ fn xdp_is_attached_to_every_nodes_network_interface_and_does_the_work() {
     let forwarded_before = counter(agent, Counter::Forwarded);
     let client = cluster.external_client(1);
     let mut session = client.tcp_connect(frontend).expect("connect");
+    let mut seen = BTreeSet::new();
     for n in 0..5 {
         let exchange = session.exchange(&format!("request {n}")).expect("exchange");
         assert_eq!(exchange.peer, frontend);
         assert_eq!(exchange.reply.server, node_pod_name(2, 1));
         assert_eq!(*exchange.reply.client_seen.ip(), cluster.node(1).addr());
+        seen.insert(exchange.reply.client_seen);
     }
+    // One flow, one translated source port all along, from the default
+    // range, and the flow and its LB_SNAT entry agree on it.
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let translated = *seen.first().expect("one");
+    assert!((61000..=65535).contains(&translated.port()), "{translated}");
+    let local = session.local().expect("local address");
+    let flows = agent.conntrack().expect("inspect conntrack");
+    let flow = flows
+        .iter()
+        .find(|flow| flow.client == local)
+        .unwrap_or_else(|| panic!("no flow for {local}: {flows:?}"));
+    assert_eq!(flow.nat_port, Some(translated.port()), "{flow:?}");
+    for flag in ["snat", "external"] {
+        assert!(flow.flags.iter().any(|f| f == flag), "{flow:?}");
+    }
+    let snat = agent.snat().expect("inspect snat");
+    assert!(
+        snat.iter().any(|entry| entry.client == local
+            && entry.nat_port == translated.port()
+            && entry.backend == cluster.backend(2, 1, TCP_TARGET)),
+        "{snat:?}"
+    );
     drop(session);
     assert_eq!(counter(agent, Counter::NewFlow) - new_flows_before, 1);
     // Every packet of the connection crossed node 1 twice (client to node

@@ -233,7 +233,8 @@ fn hairpin_a_pod_reaches_its_own_service_and_lands_on_itself() {
         .expect("programmed");
     let pod = cluster.pod(1, 1);
 
-    let exchange = pod.tcp_request(tcp_frontend, "me?").expect("TCP hairpin");
+    let mut session = pod.tcp_connect(tcp_frontend).expect("TCP hairpin");
+    let exchange = session.exchange("me?").expect("TCP hairpin exchange");
     assert_eq!(exchange.reply.server, pod.name());
     assert_eq!(exchange.peer, tcp_frontend);
     // The pod cannot answer itself at its own address through the node:
@@ -243,6 +244,14 @@ fn hairpin_a_pod_reaches_its_own_service_and_lands_on_itself() {
         HAIRPIN_ADDR,
         "{exchange:?}"
     );
+    let flows = cluster.agent(1).conntrack().expect("inspect conntrack");
+    let flow = flows
+        .iter()
+        .find(|flow| flow.client == exchange.local)
+        .unwrap_or_else(|| panic!("no flow for {}: {flows:?}", exchange.local));
+    assert!(flow.flags.iter().any(|f| f == "hairpin"), "{flow:?}");
+    assert_eq!(flow.nat_port, Some(exchange.reply.client_seen.port()));
+    drop(session);
 
     let exchange = pod
         .udp_connected_request(udp_frontend, "me?")
