@@ -307,6 +307,7 @@ fn wait_health(cluster: &MultiNode, n: usize, status: u16, count: u64) {
     .unwrap_or_else(|error| panic!("{error}\n{}", cluster.agent(n).log()));
     assert_eq!(body["service"]["namespace"], "default", "{body}");
     assert_eq!(body["service"]["name"], "lb", "{body}");
+    assert_eq!(body["serviceProxyHealthy"], true, "{body}");
 }
 
 #[test]
@@ -407,6 +408,18 @@ fn load_balancer_ingress_ip_and_external_ip() {
             reached.insert(exchange.reply.server);
         }
         assert_eq!(reached, names(&backends), "UDP via {ip}");
+    }
+
+    // A pod reaches both addresses too, without any route to them: the
+    // datapath on its node translates them like any other frontend.
+    let pod = cluster.pod(1, 2);
+    for ip in [ingress, external] {
+        let frontend = SocketAddrV4::new(ip, TCP_PORT);
+        let exchange = pod
+            .tcp_request(frontend, "from a pod")
+            .unwrap_or_else(|error| panic!("TCP from a pod to {frontend}: {error}"));
+        assert_eq!(exchange.peer, frontend);
+        assert_eq!(exchange.reply.client_seen, exchange.local, "{exchange:?}");
     }
 }
 
