@@ -9,7 +9,7 @@
 //! action.
 
 use lb_common::{
-    backend::{BACKEND_F_LOCAL, BackendAddr},
+    backend::{BACKEND_F_LOCAL, BackendAddr, RevNat},
     conntrack::{FLOW_F_EXTERNAL, FLOW_F_HAIRPIN, FLOW_F_SNAT, Flow, FlowKey},
     counters::Counter,
     service::{SERVICE_F_EXTERNAL, SERVICE_F_SOURCE_RANGES, ServiceValue},
@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::{
     affinity, backend,
-    config::Config,
+    config::{self, Config, NatConfig},
     conntrack::{self, Now},
     context::{Action, PacketContext},
     counters::count,
@@ -97,20 +97,26 @@ pub fn process<C: PacketContext, R: Role>(ctx: &C) -> Result<Action, Error> {
         }
         return result;
     }
-    // Replies. The translated-port check is a few comparisons against the
-    // configuration, so packets that are no service's pay no map lookup
-    // for it.
-    let config = Config::load();
-    let found = if config.is_nat_destination(pkt.dst_addr, pkt.dst_port) {
+    // Replies. Every reply comes from a backend, which is in LB_REVNAT
+    // (source-translated flows' replies too): a packet that is no
+    // service's costs that one lookup, as before source translation
+    // existed. The translated-port check then only compares against the
+    // configuration.
+    let backend = BackendAddr::new(pkt.src_addr, pkt.src_port, pkt.proto);
+    let Some(candidates) = LB_REVNAT.get_ptr(&backend) else {
+        count(Counter::Pass);
+        return Ok(Action::Pass);
+    };
+    // SAFETY: copied out at once; REVNAT is only written by the agent.
+    let candidates: RevNat = unsafe { *candidates };
+    let found = match config::nat_destination(pkt.dst_addr, pkt.dst_port) {
         // A hairpin flow's backend answers the hairpin address, any other
         // translated flow's the node's.
-        snat::reply_flow(&pkt).filter(|(_, _, flow)| {
-            (flow.flags & FLOW_F_HAIRPIN != 0) == (pkt.dst_addr == config.hairpin_addr)
-        })
-    } else {
-        None
+        Some(hairpin) => snat::reply_flow(&pkt)
+            .filter(|(_, _, flow)| (flow.flags & FLOW_F_HAIRPIN != 0) == hairpin),
+        None => None,
     };
-    let Some((key, entry, flow)) = found.or_else(|| revnat_flow(&pkt)) else {
+    let Some((key, entry, flow)) = found.or_else(|| revnat_flow(&pkt, &candidates)) else {
         count(Counter::Pass);
         return Ok(Action::Pass);
     };
@@ -159,7 +165,7 @@ fn forward<C: PacketContext, R: Role>(
         let flow: Flow = unsafe { *entry };
         if !conntrack::is_expired(&flow, pkt.is_tcp(), now, &config) {
             if backend::still_serves(&flow) {
-                return established::<C, R>(ctx, pkt, service, &key, entry, &flow, now, &config);
+                return established::<C, R>(ctx, pkt, service, &key, entry, &flow, now);
             }
             // The backend left every EndpointSlice of the service. A TCP
             // connection to it is dead: tell the client at once instead of
@@ -186,7 +192,6 @@ fn forward<C: PacketContext, R: Role>(
 
 /// A client packet of a tracked flow whose backend still serves it.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn established<C: PacketContext, R: Role>(
     ctx: &C,
     pkt: &Packet,
@@ -195,7 +200,6 @@ fn established<C: PacketContext, R: Role>(
     entry: *mut Flow,
     flow: &Flow,
     now: Now,
-    config: &Config,
 ) -> Result<Action, Error> {
     if flow.flags & FLOW_F_SNAT == 0 {
         conntrack::touch_forward(entry, flow, pkt, now);
@@ -207,11 +211,7 @@ fn established<C: PacketContext, R: Role>(
         }
         return Ok(Action::Pass);
     }
-    let nat_addr = if flow.flags & FLOW_F_HAIRPIN != 0 {
-        config.hairpin_addr
-    } else {
-        config.snat_addr
-    };
+    let nat_addr = NatConfig::load().nat_addr(flow.flags & FLOW_F_HAIRPIN != 0);
     if nat_addr == 0 {
         return Err(Error::NoNatAddr);
     }
@@ -283,15 +283,11 @@ fn new_flow<C: PacketContext, R: Role>(
     // its own address; the source becomes the hairpin address. Node SNAT:
     // an external client's flow to another node's backend, whose reply
     // must come back through this node.
-    let nat_addr = if backend.addr == pkt.src_addr {
+    if backend.addr == pkt.src_addr {
         flags |= FLOW_F_SNAT | FLOW_F_HAIRPIN;
-        config.hairpin_addr
     } else if R::KIND == RoleKind::External && external && backend.flags & BACKEND_F_LOCAL == 0 {
         flags |= FLOW_F_SNAT;
-        config.snat_addr
-    } else {
-        0
-    };
+    }
 
     if flags & FLOW_F_SNAT == 0 {
         conntrack::create(key, pkt, backend_id, &backend, now, flags, 0)?;
@@ -314,10 +310,12 @@ fn new_flow<C: PacketContext, R: Role>(
         return Ok(Action::Pass);
     }
 
+    let nat_config = NatConfig::load();
+    let nat_addr = nat_config.nat_addr(flags & FLOW_F_HAIRPIN != 0);
     if nat_addr == 0 {
         return Err(Error::NoNatAddr);
     }
-    let nat_port = snat::allocate(key, &backend, config, now)?;
+    let nat_port = snat::allocate(key, &backend, config, &nat_config, now)?;
     if let Err(error) = conntrack::create(key, pkt, backend_id, &backend, now, flags, nat_port) {
         snat::release_port(backend.addr, backend.port, nat_port, pkt.proto);
         return Err(error);
@@ -360,12 +358,10 @@ fn new_flow<C: PacketContext, R: Role>(
 }
 
 /// The tracked flow a packet whose destination is no frontend answers, if
-/// its source is a backend: the key, a pointer to the entry and a copy.
+/// its source is a backend of one of the services `candidates` lists: the
+/// key, a pointer to the entry and a copy.
 #[inline(always)]
-fn revnat_flow(pkt: &Packet) -> Option<(FlowKey, *mut Flow, Flow)> {
-    let backend = BackendAddr::new(pkt.src_addr, pkt.src_port, pkt.proto);
-    // SAFETY: copied out at once; REVNAT is only written by the agent.
-    let candidates = unsafe { *LB_REVNAT.get_ptr(&backend)? };
+fn revnat_flow(pkt: &Packet, candidates: &RevNat) -> Option<(FlowKey, *mut Flow, Flow)> {
     let count_valid = candidates.count as usize;
     for (i, &service_id) in candidates.service_ids.iter().enumerate() {
         if i >= count_valid {

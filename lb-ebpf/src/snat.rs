@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::Config,
+    config::{Config, NatConfig},
     conntrack::{self, Now},
     error::Error,
     maps::{LB_CONNTRACK, LB_SNAT},
@@ -38,11 +38,21 @@ const ALLOCATION_ATTEMPTS: u32 = 8;
 /// Claims a translated source port (network byte order) for flow `key`
 /// to `backend`.
 #[inline(always)]
-pub fn allocate(key: &FlowKey, backend: &Backend, config: &Config, now: Now) -> Result<u16, Error> {
-    let min = u32::from(config.nat_port_min);
-    // `Config` keeps min <= max; written so the compiler sees 1..=65536
+pub fn allocate(
+    key: &FlowKey,
+    backend: &Backend,
+    config: &Config,
+    nat_config: &NatConfig,
+    now: Now,
+) -> Result<u16, Error> {
+    let min = u32::from(nat_config.nat_port_min);
+    // `NatConfig` keeps min <= max; written so the compiler sees 1..=65536
     // (a division it cannot prove non-zero would pull in a panic path).
-    let range = u32::from(config.nat_port_max.wrapping_sub(config.nat_port_min)) + 1;
+    let range = u32::from(
+        nat_config
+            .nat_port_max
+            .wrapping_sub(nat_config.nat_port_min),
+    ) + 1;
     // SAFETY: plain helper call.
     let mut offset = unsafe { bpf_get_prandom_u32() } % range;
     for _ in 0..ALLOCATION_ATTEMPTS {
