@@ -561,3 +561,64 @@ fn xdp_is_attached_to_every_nodes_network_interface_and_does_the_work() {
         agent.diagnostics()
     );
 }
+
+#[test]
+fn an_interface_without_native_xdp_gets_generic_xdp_and_its_address_serves_node_ports() {
+    let mut cluster = MultiNode::build(
+        "generic",
+        MultiNodeSpec {
+            nodes: 1,
+            pods_per_node: 1,
+            external_clients: 0,
+            ..MultiNodeSpec::default()
+        },
+    )
+    .expect("cluster");
+    // A second uplink whose driver has no XDP of its own (a bridge device,
+    // created in the node's namespace), with an address of its own.
+    let uplink = "uplink0";
+    let uplink_addr = std::net::Ipv4Addr::new(198, 18, 252, 1);
+    let node = cluster.node(1);
+    node.ns()
+        .ip(&["link", "add", uplink, "type", "bridge"])
+        .expect("add uplink0");
+    node.ns()
+        .ip(&["addr", "add", &format!("{uplink_addr}/24"), "dev", uplink])
+        .expect("address uplink0");
+    node.ns()
+        .ip(&["link", "set", uplink, "up"])
+        .expect("uplink0 up");
+    cluster
+        .start_agents_with(|config| config.external(uplink))
+        .expect("agent");
+    let node = cluster.node(1);
+    let agent = cluster.agent(1);
+
+    let eth0 = xdp_program(node.ns(), NETWORK_IFACE)
+        .expect("query XDP")
+        .expect("XDP on eth0");
+    assert_eq!(eth0.mode, XdpMode::Driver, "{eth0:?}");
+    let uplink_xdp = xdp_program(node.ns(), uplink)
+        .expect("query XDP")
+        .expect("XDP on uplink0");
+    assert_eq!(uplink_xdp.mode, XdpMode::Generic, "{uplink_xdp:?}");
+    assert_eq!(uplink_xdp.program, lb_common::names::PROG_XDP_EXTERNAL);
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains(uplink) && line.contains("generic")),
+        "no warning about generic XDP on {uplink}:\n{log}"
+    );
+
+    // Both interfaces' addresses are node addresses: NodePorts on each.
+    let web = service("web", 16, ServiceType::NodePort);
+    cluster.write(&web, &[(1, 1)]).expect("write");
+    for addr in [node.addr(), uplink_addr] {
+        wait_external(
+            agent,
+            SocketAddrV4::new(addr, TCP_NODE_PORT),
+            Protocol::Tcp,
+            &[cluster.backend(1, 1, TCP_TARGET)],
+        );
+    }
+}
