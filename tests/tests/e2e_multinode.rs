@@ -318,3 +318,50 @@ fn a_pod_reaches_a_node_port_of_its_own_node() {
         .expect("UDP to the own node's NodePort");
     assert_eq!(exchange.from, udp_frontend);
 }
+
+#[test]
+fn a_failing_multi_node_test_leaves_nothing_behind() {
+    struct Left {
+        testbed: String,
+        pin_dirs: Vec<std::path::PathBuf>,
+        pids: Vec<u32>,
+    }
+    let left = std::panic::catch_unwind(|| {
+        let cluster = MultiNode::start("mnpanic", MultiNodeSpec::default()).expect("cluster");
+        let left = Left {
+            testbed: cluster.testbed().name().to_owned(),
+            pin_dirs: cluster
+                .agents()
+                .iter()
+                .map(|agent| agent.pin_dir().to_owned())
+                .collect(),
+            pids: cluster
+                .agents()
+                .iter()
+                .filter_map(lb_tests::agent::Agent::pid)
+                .collect(),
+        };
+        assert!(left.pin_dirs.iter().all(|dir| dir.exists()));
+        // Unwinding from here must stop both agents and remove every
+        // namespace, pin and process.
+        std::panic::panic_any(left);
+    })
+    .map(|()| unreachable!("the closure panics"))
+    .unwrap_err()
+    .downcast::<Left>()
+    .expect("the payload names what to look for");
+
+    assert_eq!(left.pids.len(), 2);
+    let list = netns_list();
+    let namespaces = namespaces_of(&list, &left.testbed);
+    assert!(namespaces.is_empty(), "left behind: {namespaces:?}");
+    for dir in &left.pin_dirs {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    for pid in left.pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "lb-agent {pid} still running"
+        );
+    }
+}
