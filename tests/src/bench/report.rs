@@ -244,10 +244,28 @@ fn grew(small: &Summary, large: &Summary) -> bool {
 pub fn goals(results: &Results) -> Vec<Goal> {
     let prog = &results.prog;
     let mut goals = Vec::new();
-    for (path, tc_path, limit, katran) in [
-        (HotPath::XdpEstablished, HotPath::Established, 67.0, 134),
-        (HotPath::XdpNewFlow, HotPath::NewFlow, 230.0, 284),
-        (HotPath::XdpNoService, HotPath::NoService, 35.0, 69),
+    for (what, path, tc_path, limit, katran) in [
+        (
+            "a NodePort packet of an established flow",
+            HotPath::XdpEstablished,
+            HotPath::Established,
+            67.0,
+            134,
+        ),
+        (
+            "a NodePort packet of a new flow (SYN)",
+            HotPath::XdpNewFlow,
+            HotPath::NewFlow,
+            230.0,
+            284,
+        ),
+        (
+            "a packet for no Service",
+            HotPath::XdpNoService,
+            HotPath::NoService,
+            35.0,
+            69,
+        ),
     ] {
         let xdp = path_figures(prog, path);
         let tc = path_figures(prog, tc_path).map_or(String::new(), |(first, worst)| {
@@ -260,10 +278,7 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             None => "not measured".to_owned(),
         };
         goals.push(Goal {
-            goal: format!(
-                "{} ≤ {limit:.0} ns/packet at XDP (Katran: {katran} ns)",
-                path.label()
-            ),
+            goal: format!("{what} ≤ {limit:.0} ns/packet at XDP (Katran: {katran} ns)"),
             measured,
             // Met only if it holds over the whole grid, not just with
             // near-empty maps.
