@@ -10,6 +10,19 @@
 //! when the flow's TCP connection closes ([`release`]); a flow that just
 //! expires leaves a stale entry, reused by a later allocation or reclaimed
 //! by the LRU.
+//!
+//! Known limits:
+//! - The port is claimed before the flow's conntrack entry exists, so
+//!   another CPU allocating the same port for the same backend in that
+//!   window (a few hundred nanoseconds) sees an owner without a flow, takes
+//!   the port over, and both flows share it; the first one's replies then
+//!   reach the second one's client. Two new flows to one backend drawing
+//!   the same of ~4,500 ports at the same moment is rare; closing the
+//!   window would need a marker in the conntrack entry before the claim.
+//! - `LB_SNAT` is an LRU map: when it is full, inserting evicts the least
+//!   recently used entry, possibly of a live idle flow, whose replies then
+//!   find no flow and go to the stack. Size it (`--max-snat-flows`) for the
+//!   source-translated flows the node carries.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
