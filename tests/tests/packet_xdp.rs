@@ -110,6 +110,11 @@ const BACKEND_LOCAL_UDP: SocketAddrV4 = pod(5354);
 const SVC_OTHER_IFACE: u32 = 12;
 const NODEPORT_OTHER_IFACE: SocketAddrV4 = node(30083);
 const BACKEND_OTHER_IFACE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 128, 10), 8080);
+/// A ClusterIP whose backend is on node 2 (a pod here reaching it).
+const SVC_CLUSTER_REMOTE: u32 = 14;
+const CLUSTER_IP_REMOTE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 40), 80);
+const BACKEND_CLUSTER_REMOTE: SocketAddrV4 =
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 64, 20), 8080);
 /// NodePort to a backend behind a blackhole route.
 const SVC_BLACKHOLE: u32 = 13;
 const NODEPORT_BLACKHOLE: SocketAddrV4 = node(30084);
@@ -237,6 +242,14 @@ fn cluster() -> Vec<Service> {
             proto::TCP,
             Some(BACKEND_OTHER_IFACE),
             EXT,
+            false,
+        ),
+        service(
+            SVC_CLUSTER_REMOTE,
+            CLUSTER_IP_REMOTE,
+            proto::TCP,
+            Some(BACKEND_CLUSTER_REMOTE),
+            0,
             false,
         ),
         service(
@@ -1039,6 +1052,44 @@ fn scenarios() -> Vec<Scenario> {
                 reason: DropReason::NoNat,
                 total: 1,
             },
+        ],
+    });
+
+    // A pod reaching a ClusterIP whose backend is on another node: the
+    // backend's reply comes back on the external interface and is
+    // reverse-translated there (role External), then goes to the stack.
+    let pod_syn = from_pod(Frame::tcp(POD_CLIENT, CLUSTER_IP_REMOTE, TCP_SYN));
+    let remote_reply = from_node2(
+        Frame::tcp(BACKEND_CLUSTER_REMOTE, POD_CLIENT, TCP_SYN | TCP_ACK).with_tcp(
+            TCP_SYN | TCP_ACK,
+            0x3000_0000,
+            0x1000_0001,
+        ),
+    );
+    scenarios.push(Scenario {
+        name: "ClusterIP with the backend on another node: reply reverse-translated at XDP",
+        steps: vec![
+            packet(
+                "SYN from the pod",
+                TC_POD,
+                fixed(pod_syn.clone()),
+                TC_ACT_OK,
+                Expect::Exactly(fixed(dnat(&pod_syn, BACKEND_CLUSTER_REMOTE))),
+                &[(Counter::NewFlow, 1)],
+            ),
+            Step::Flow(FlowCheck {
+                key: flow_key(POD_CLIENT, proto::TCP, SVC_CLUSTER_REMOTE),
+                backend: BACKEND_CLUSTER_REMOTE,
+                flags: 0,
+            }),
+            packet(
+                "the backend's SYN-ACK arriving from node 2",
+                XDP,
+                fixed(remote_reply.clone()),
+                XDP_PASS,
+                Expect::Exactly(fixed(remote_reply.with_src(CLUSTER_IP_REMOTE))),
+                &[(Counter::Reply, 1)],
+            ),
         ],
     });
 
