@@ -267,6 +267,13 @@ pub fn create(
         .map_err(|_| Error::ConntrackFull)
 }
 
+/// Deletes the flow of `key` whose translated port could not be claimed
+/// (so there is none to give back).
+#[inline(always)]
+pub fn remove_unclaimed(key: &FlowKey) {
+    let _ = LB_CONNTRACK.remove(key);
+}
+
 /// Deletes the flow `flow` of `key`, and the translated port it holds if
 /// it is source-translated. A flow already gone (deleted by another CPU,
 /// evicted) is what the caller wanted anyway.

@@ -315,11 +315,17 @@ fn new_flow<C: PacketContext, R: Role>(
     if nat_addr == 0 {
         return Err(Error::NoNatAddr);
     }
-    let nat_port = snat::allocate(key, &backend, config, &nat_config, now)?;
-    if let Err(error) = conntrack::create(key, pkt, backend_id, &backend, now, flags, nat_port) {
-        snat::release_port(backend.addr, backend.port, nat_port, pkt.proto);
-        return Err(error);
-    }
+    // The flow exists before its port is claimed (see `snat`): another CPU
+    // that finds the port claimed then also finds the flow holding it.
+    conntrack::create(key, pkt, backend_id, &backend, now, flags, 0)?;
+    let entry = conntrack::lookup(key).ok_or(Error::ConntrackFull)?;
+    let nat_port = match snat::allocate(key, entry, &backend, config, &nat_config, now) {
+        Ok(nat_port) => nat_port,
+        Err(error) => {
+            conntrack::remove_unclaimed(key);
+            return Err(error);
+        }
+    };
     event!(
         ctx,
         config,

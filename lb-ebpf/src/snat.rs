@@ -11,14 +11,17 @@
 //! expires leaves a stale entry, reused by a later allocation or reclaimed
 //! by the LRU.
 //!
+//! The flow's conntrack entry exists before its port is claimed, and holds
+//! the port being claimed at each try: another CPU that finds a port
+//! claimed always finds its owner's flow holding it, so two flows racing
+//! for one free port never both get it.
+//!
 //! Known limits:
-//! - The port is claimed before the flow's conntrack entry exists, so
-//!   another CPU allocating the same port for the same backend in that
-//!   window (a few hundred nanoseconds) sees an owner without a flow, takes
-//!   the port over, and both flows share it; the first one's replies then
-//!   reach the second one's client. Two new flows to one backend drawing
-//!   the same of ~4,500 ports at the same moment is rare; closing the
-//!   window would need a marker in the conntrack entry before the claim.
+//! - Taking over a stale port is a check and then an overwrite: two CPUs
+//!   taking over the same stale port in the same instant both believe
+//!   they got it, and the first one's replies reach the second one's
+//!   client. That needs two new flows to one backend to draw the same of
+//!   ~4,500 ports at the same moment while an old flow's port lies stale.
 //! - `LB_SNAT` is an LRU map: when it is full, inserting evicts the least
 //!   recently used entry, possibly of a live idle flow, whose replies then
 //!   find no flow and go to the stack. Size it (`--max-snat-flows`) for the
@@ -49,10 +52,12 @@ use crate::{
 const ALLOCATION_ATTEMPTS: u32 = 8;
 
 /// Claims a translated source port (network byte order) for flow `key`
-/// to `backend`.
+/// (conntrack entry `entry`) to `backend`, recording each port tried in
+/// the entry before trying to claim it.
 #[inline(always)]
 pub fn allocate(
     key: &FlowKey,
+    entry: *mut Flow,
     backend: &Backend,
     config: &Config,
     nat_config: &NatConfig,
@@ -70,6 +75,9 @@ pub fn allocate(
     let mut offset = unsafe { bpf_get_prandom_u32() } % range;
     for _ in 0..ALLOCATION_ATTEMPTS {
         let port = ((min + offset) as u16).to_be();
+        // SAFETY: `entry` comes from a lookup in this run; LB_CONNTRACK
+        // has not been updated since, and map memory stays valid for the run.
+        unsafe { (*entry).nat_port = port };
         let snat_key = SnatKey::new(backend.addr, backend.port, port, key.proto);
         if LB_SNAT
             .insert(&snat_key, key, u64::from(BPF_NOEXIST))
