@@ -8,6 +8,17 @@ use crate::aya_pod;
 /// Emit aya-log lines from the datapath. Off by default: one line costs
 /// about 100 ns a packet.
 pub const CONFIG_F_LOG: u32 = 1 << 0;
+/// `lb_xdp_ext` never transmits a forwarded packet (`XDP_TX`): every packet
+/// it would forward by FIB lookup is passed untouched (after its flow is
+/// created, as for any packet XDP hands on) to `lb_tc_ext`, which forwards
+/// it with `bpf_redirect_neigh`. For uplinks where `XDP_TX` frames are not
+/// delivered promptly: on a veth, the kernel only wakes the peer to take
+/// them if the peer has an XDP program of its own, which a node cannot
+/// arrange for the other end of its uplink (kind nodes, containers). Answers
+/// XDP bounces to the client (RST, ICMP port unreachable for a service
+/// without endpoints) are not forwards and still leave by `XDP_TX`. Read
+/// only when a packet is about to be forwarded.
+pub const CONFIG_F_XDP_NO_TX: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]

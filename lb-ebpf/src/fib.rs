@@ -16,7 +16,10 @@
 //!   or after resolving a neighbour: [`plan`] returns `None`, and the
 //!   caller passes the packet untouched to the TC program of the same
 //!   interface (`lb_tc_ext`), which does it all again with the helpers
-//!   only TC has.
+//!   only TC has. With `CONFIG_F_XDP_NO_TX` in `LB_CONFIG` (an uplink
+//!   where `XDP_TX` frames are not delivered promptly, such as a veth whose
+//!   peer has no XDP program) [`plan`] returns `None` without a lookup:
+//!   XDP forwards nothing itself and TC forwards everything.
 //! - TC ([`Forwarding::AfterRewrite`]): [`send`] looks up the route of the
 //!   translated packet without resolving the neighbour and redirects with
 //!   `bpf_redirect_neigh`, which resolves it (and queues the packet while
@@ -36,9 +39,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
 };
 
+use lb_common::config::CONFIG_F_XDP_NO_TX;
+
 use crate::{
     context::{Forwarding, PacketContext, ptr_at},
     error::Error,
+    maps::LB_CONFIG,
     nat::Tuple,
     parse::{IP_OFF, Packet},
 };
@@ -75,13 +81,31 @@ fn params(pkt: &Packet, new: &Tuple, ifindex: u32, tot_len: u16) -> FibParams {
     params
 }
 
+/// Whether the agent told XDP to leave all forwarding to TC
+/// (`CONFIG_F_XDP_NO_TX`). Read only here, on the way to a forward: other
+/// packets never pay for it. An array lookup the verifier inlines, and
+/// one field read in place.
+#[inline(always)]
+fn xdp_transmit_disabled() -> bool {
+    LB_CONFIG.get_ptr(0).is_some_and(|config| {
+        // SAFETY: an array entry is valid for the whole run.
+        let flags = unsafe { (*config).flags };
+        flags & CONFIG_F_XDP_NO_TX != 0
+    })
+}
+
 /// Decides, before any rewrite, whether this program can forward `pkt`
-/// once translated to `new`. `Ok(None)`: XDP cannot; pass the packet
-/// untouched to TC. `Err(NoRoute)`: nobody can; drop it.
+/// once translated to `new`. `Ok(None)`: XDP cannot, or must not
+/// (`CONFIG_F_XDP_NO_TX`); pass the packet untouched to TC.
+/// `Err(NoRoute)`: nobody can; drop it.
 #[inline(always)]
 pub fn plan<C: PacketContext>(ctx: &C, pkt: &Packet, new: &Tuple) -> Result<Option<Route>, Error> {
     if C::FORWARDING == Forwarding::AfterRewrite {
         return Ok(Some(Route::AfterRewrite));
+    }
+    if xdp_transmit_disabled() {
+        // TC looks the route up itself and drops what has none.
+        return Ok(None);
     }
     let ifindex = ctx.ingress_ifindex();
     // The IPv4 total length, for the lookup's MTU check (host byte order).

@@ -81,6 +81,18 @@
 //! | route out of another interface, or neighbour unknown (`NO_NEIGH`), not forwardable (`NOT_FWDED`), MTU exceeded (`FRAG_NEEDED`) | `XDP_PASS` untouched (counted `XdpToTc`; a new flow is created first): `lb_tc_ext` finds the flow and does it | another interface: as above; the others: `TC_ACT_SHOT`, `NoRoute` |
 //! | blackhole, unreachable, prohibit, forwarding disabled on the arrival interface, other | `XDP_DROP`, `NoRoute` | `TC_ACT_SHOT`, `NoRoute` |
 //!
+//! With `CONFIG_F_XDP_NO_TX` in `LB_CONFIG` (`lb-agent run --xdp-forward
+//! tc`, the default for a veth uplink) `lb_xdp_ext` does no lookup and
+//! transmits nothing it forwards: every such packet is `XDP_PASS`
+//! untouched, counted `XdpToTc` (a new flow is created first, `NewFlow`),
+//! and `lb_tc_ext` forwards it as in the last column (`Forwarded`; a
+//! packet without a route is dropped there, `NoRoute`). On a veth,
+//! `XDP_TX` frames wait in the peer's queue until something else wakes
+//! it, unless the peer has an XDP program of its own, which a node cannot
+//! arrange for the far end of its uplink. The flag is read only on the way
+//! to a forward. Answers XDP bounces (RST, ICMP port unreachable for a
+//! service without endpoints) are not forwards and still leave by `XDP_TX`.
+//!
 //! Flow expiry: a flow idle for longer than its timeout (`LB_CONFIG`:
 //! UDP, TCP, or TCP closing once FIN was seen both ways or RST either way)
 //! is treated as absent by the forward path and replaced. A TCP flow is
