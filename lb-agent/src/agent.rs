@@ -23,7 +23,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
-use crate::datapath::loader::{Capacities, Datapath, LoadError, LoadOptions, xdp_mode_name};
+use crate::datapath::loader::{
+    Capacities, Datapath, LoadError, LoadOptions, XdpForwardChoice, XdpForwarding,
+    choose_xdp_forwarding, interface_driver, xdp_mode_name,
+};
 use crate::datapath::maps::{AyaMaps, StatsMaps};
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
 use crate::health_check::HealthCheckServer;
@@ -70,6 +73,9 @@ pub struct RunOptions {
     /// The node's interfaces to its network, for `lb_xdp_ext` and
     /// `lb_tc_ext`; with manifests, their addresses are the node's.
     pub external: Vec<String>,
+    /// How `lb_xdp_ext` forwards on the `external` interfaces: `XDP_TX`,
+    /// through `lb_tc_ext`, or chosen by their drivers.
+    pub xdp_forward: XdpForwardChoice,
     pub pin_dir: PathBuf,
     pub keep_pins: bool,
     pub capacities: Capacities,
@@ -128,6 +134,45 @@ fn check_external(options: &RunOptions) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// How `lb_xdp_ext` forwards on this agent's external interfaces, logged
+/// with the reason (see [`choose_xdp_forwarding`]). `None` without
+/// external interfaces (XDP is not attached anywhere).
+fn decide_xdp_forwarding(options: &RunOptions) -> Option<XdpForwarding> {
+    if options.external.is_empty() {
+        return None;
+    }
+    let drivers: Vec<(String, Result<String, String>)> = match options.xdp_forward {
+        // The drivers matter only to the automatic choice.
+        XdpForwardChoice::Fixed(_) => Vec::new(),
+        XdpForwardChoice::Auto => options
+            .external
+            .iter()
+            .map(|iface| {
+                let driver = interface_driver(iface).map_err(|error| error.to_string());
+                if let Err(error) = &driver {
+                    warn!(
+                        iface = iface.as_str(),
+                        "reading the driver of {iface} (ETHTOOL_GDRVINFO): {error}; \
+                         taken as not a veth"
+                    );
+                }
+                (iface.clone(), driver)
+            })
+            .collect(),
+    };
+    let decision = choose_xdp_forwarding(options.xdp_forward, &drivers);
+    info!(
+        xdp_forward = decision.forwarding.name(),
+        "XDP forwarding: {} ({})",
+        match decision.forwarding {
+            XdpForwarding::Transmit => "XDP_TX out of the arrival interface where the route allows",
+            XdpForwarding::Tc => "every forwarded packet through lb_tc_ext",
+        },
+        decision.reason
+    );
+    Some(decision.forwarding)
 }
 
 /// The source, ready to be read.
@@ -215,6 +260,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     };
 
     check_external(&options)?;
+    let xdp_forwarding = decide_xdp_forwarding(&options);
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacities(&options.capacities);
     let readiness = Arc::new(Readiness::default());
@@ -272,14 +318,25 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         capacities: options.capacities,
         config: options.config,
     })?;
-    let result = serve(
-        &options,
-        &mut datapath,
-        source,
-        Shared { metrics, readiness },
-        stop,
-    )
-    .await;
+    // Before anything is attached; the shutdown below undoes the load on
+    // failure as after any other error.
+    let configured = match xdp_forwarding {
+        Some(forwarding) => datapath.set_xdp_forwarding(forwarding).map(drop),
+        None => Ok(()),
+    };
+    let result = match configured {
+        Ok(()) => {
+            serve(
+                &options,
+                &mut datapath,
+                source,
+                Shared { metrics, readiness },
+                stop,
+            )
+            .await
+        }
+        Err(error) => Err(error.into()),
+    };
     if let Some(task) = health_task {
         task.abort();
     }
@@ -672,7 +729,11 @@ async fn run_loop(
             if external.is_empty() {
                 String::new()
             } else {
-                format!("; external: {}", external.join(", "))
+                format!(
+                    "; external: {}, XDP forwarding {}",
+                    external.join(", "),
+                    datapath.xdp_forwarding().name()
+                )
             }
         }
     );

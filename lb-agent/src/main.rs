@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_agent::agent::{self, RunOptions, SourceOptions};
-use lb_agent::datapath::loader::Capacities;
+use lb_agent::datapath::loader::{Capacities, XdpForwardChoice, XdpForwarding};
 use lb_agent::inspect;
 use lb_agent::model::Selection;
 use lb_agent::source::kube::KubeOptions;
@@ -109,6 +109,19 @@ struct RunArgs {
     /// exist in the agent's network namespace. Repeat for every uplink.
     #[arg(long = "external", value_name = "IFACE")]
     external: Vec<String>,
+
+    /// How the XDP program forwards what must not go through the stack
+    /// (external flows to backends on other nodes, their replies, replies
+    /// of external flows): `tx` sends it back out of the arrival interface
+    /// with XDP_TX where the route allows (the rest goes through the TC
+    /// program); `tc` leaves all of it to the TC program
+    /// (bpf_redirect_neigh). `auto`: `tc` if an --external interface is a
+    /// veth (a veth's peer takes XDP_TX frames only if it has an XDP
+    /// program of its own, which a node cannot arrange for the far end of
+    /// its uplink: kind, containers as nodes), `tx` otherwise. One mode
+    /// for all --external interfaces.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = XdpForwardArg::Auto)]
+    xdp_forward: XdpForwardArg,
 
     /// Source address the datapath gives a pod's connection to its own
     /// Service when it lands on the pod itself (hairpin): routed from pods
@@ -210,6 +223,26 @@ struct RunArgs {
     /// line costs about 100 ns per packet.
     #[arg(long)]
     datapath_log: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum XdpForwardArg {
+    /// By the drivers of the --external interfaces.
+    Auto,
+    /// XDP_TX where the route leads back out of the arrival interface.
+    Tx,
+    /// Everything through the TC program.
+    Tc,
+}
+
+impl From<XdpForwardArg> for XdpForwardChoice {
+    fn from(arg: XdpForwardArg) -> Self {
+        match arg {
+            XdpForwardArg::Auto => XdpForwardChoice::Auto,
+            XdpForwardArg::Tx => XdpForwardChoice::Fixed(XdpForwarding::Transmit),
+            XdpForwardArg::Tc => XdpForwardChoice::Fixed(XdpForwarding::Tc),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -361,6 +394,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         attach: args.attach,
         attach_veths: args.attach_veths,
         external: args.external,
+        xdp_forward: args.xdp_forward.into(),
         pin_dir: args.pin_dir,
         keep_pins: args.keep_pins,
         capacities: Capacities {
@@ -537,6 +571,38 @@ mod tests {
         assert_eq!((args.max_snat_flows, args.max_source_ranges), (1024, 64));
         // Some interface is still needed.
         assert!(run_args(&["--manifests", "/m"]).is_err());
+    }
+
+    #[test]
+    fn xdp_forwarding_is_automatic_by_default_and_can_be_fixed() {
+        let args = run_args(&["--manifests", "/m", "--external", "eth0"]).unwrap();
+        assert_eq!(args.xdp_forward, XdpForwardArg::Auto);
+        assert_eq!(
+            XdpForwardChoice::from(args.xdp_forward),
+            XdpForwardChoice::Auto
+        );
+        for (text, expected) in [
+            ("tx", XdpForwardChoice::Fixed(XdpForwarding::Transmit)),
+            ("tc", XdpForwardChoice::Fixed(XdpForwarding::Tc)),
+            ("auto", XdpForwardChoice::Auto),
+        ] {
+            let args = run_args(&[
+                "--manifests",
+                "/m",
+                "--external",
+                "eth0",
+                "--xdp-forward",
+                text,
+            ])
+            .unwrap();
+            assert_eq!(XdpForwardChoice::from(args.xdp_forward), expected, "{text}");
+        }
+        for bad in ["", "xdp", "TX-only", "redirect"] {
+            assert!(
+                run_args(&["--external", "eth0", "--xdp-forward", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use aya::programs::{
     LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use lb_common::config::{DatapathConfig, defaults};
+use lb_common::config::{CONFIG_F_XDP_NO_TX, DatapathConfig, defaults};
 use lb_common::names::{
     ALL_MAPS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS,
     MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SNAT, MAP_SOURCE_RANGES, PROG_TC_EXTERNAL,
@@ -234,6 +234,193 @@ pub fn xdp_generic_fallback(error: &ProgramError) -> bool {
             | ProgramError::NotLoaded
             | ProgramError::AlreadyAttached
     )
+}
+
+/// How `lb_xdp_ext` forwards what it must forward by FIB lookup (SNAT
+/// flows, their replies, replies of external flows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpForwarding {
+    /// `XDP_TX` back out of the arrival interface when the route leads
+    /// there and the neighbour is known; everything else through
+    /// `lb_tc_ext`. The fastest path where the uplink delivers `XDP_TX`
+    /// frames promptly (a NIC's driver does).
+    Transmit,
+    /// Nothing transmitted by XDP: every packet to forward goes to
+    /// `lb_tc_ext` untouched (`CONFIG_F_XDP_NO_TX`), which redirects it
+    /// with `bpf_redirect_neigh`.
+    Tc,
+}
+
+impl XdpForwarding {
+    /// How logs and `--xdp-forward` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpForwarding::Transmit => "tx",
+            XdpForwarding::Tc => "tc",
+        }
+    }
+
+    /// `flags` with `CONFIG_F_XDP_NO_TX` set or cleared for this mode.
+    pub fn apply(self, flags: u32) -> u32 {
+        match self {
+            XdpForwarding::Transmit => flags & !CONFIG_F_XDP_NO_TX,
+            XdpForwarding::Tc => flags | CONFIG_F_XDP_NO_TX,
+        }
+    }
+
+    /// The mode `LB_CONFIG` flags say.
+    pub fn of(config: &DatapathConfig) -> Self {
+        if config.flags & CONFIG_F_XDP_NO_TX != 0 {
+            XdpForwarding::Tc
+        } else {
+            XdpForwarding::Transmit
+        }
+    }
+}
+
+/// `--xdp-forward`: a mode, or `Auto` to choose by the external
+/// interfaces' drivers ([`choose_xdp_forwarding`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpForwardChoice {
+    #[default]
+    Auto,
+    Fixed(XdpForwarding),
+}
+
+/// The driver that makes `XDP_TX` unreliable as a forward: the kernel's
+/// veth driver only schedules the peer's NAPI after an `XDP_TX` burst if
+/// the peer has an XDP program of its own (`veth_xdp_flush`); otherwise
+/// the frames wait until unrelated traffic wakes it. A node whose uplink
+/// is a veth (kind, containers as nodes) cannot put a program on the
+/// peer, which lives in the host or another namespace.
+pub const VETH_DRIVER: &str = "veth";
+
+/// What [`choose_xdp_forwarding`] decided, and why (for the log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpForwardingDecision {
+    pub forwarding: XdpForwarding,
+    pub reason: String,
+}
+
+/// Chooses how XDP forwards, for the whole agent (one `LB_CONFIG`).
+/// `drivers` are the external interfaces with their driver names (or why
+/// it could not be read). A fixed `choice` wins. `Auto`: `tc` if any
+/// external interface is a veth (and says which, and that the others
+/// would have allowed `tx`), `tx` otherwise; an interface whose driver
+/// could not be read counts as not a veth (a veth always answers).
+pub fn choose_xdp_forwarding(
+    choice: XdpForwardChoice,
+    drivers: &[(String, Result<String, String>)],
+) -> XdpForwardingDecision {
+    if let XdpForwardChoice::Fixed(forwarding) = choice {
+        return XdpForwardingDecision {
+            forwarding,
+            reason: format!("--xdp-forward {}", forwarding.name()),
+        };
+    }
+    let describe = |(iface, driver): &(String, Result<String, String>)| match driver {
+        Ok(driver) => format!("{iface} ({driver})"),
+        Err(error) => format!("{iface} (driver unknown: {error})"),
+    };
+    let (veths, others): (Vec<_>, Vec<_>) = drivers
+        .iter()
+        .partition(|(_, driver)| driver.as_deref() == Ok(VETH_DRIVER));
+    let others: Vec<String> = others.into_iter().map(describe).collect();
+    if veths.is_empty() {
+        let reason = if others.is_empty() {
+            "no external interface".to_owned()
+        } else {
+            format!("no external interface is a veth: {}", others.join(", "))
+        };
+        return XdpForwardingDecision {
+            forwarding: XdpForwarding::Transmit,
+            reason,
+        };
+    }
+    let veths: Vec<&str> = veths.iter().map(|(iface, _)| iface.as_str()).collect();
+    let mut reason = format!(
+        "{} is a veth, whose peer takes XDP_TX frames only if it has an XDP program of its own; \
+         forwarding through {PROG_TC_EXTERNAL} (bpf_redirect_neigh)",
+        veths.join(", ")
+    );
+    if !others.is_empty() {
+        reason.push_str(&format!(
+            "; one mode per agent, so also on {}",
+            others.join(", ")
+        ));
+    }
+    XdpForwardingDecision {
+        forwarding: XdpForwarding::Tc,
+        reason,
+    }
+}
+
+/// `SIOCETHTOOL` and `ETHTOOL_GDRVINFO` (linux/sockios.h, linux/ethtool.h).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+/// `struct ethtool_drvinfo`.
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member of its union.
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _rest: [u8; 16],
+}
+
+/// The driver of `iface` in the agent's network namespace, as `ethtool -i`
+/// reports it (`ETHTOOL_GDRVINFO`): "veth", "mlx5_core", "bridge"... Works
+/// for virtual devices, which have no `/sys/class/net/IFACE/device`.
+pub fn interface_driver(iface: &str) -> io::Result<String> {
+    if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {iface:?}"),
+        ));
+    }
+    // SAFETY: plain syscall; the descriptor is owned right away.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    // SAFETY: integers and byte arrays; all zeros is valid.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut ifreq = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (&raw mut info).cast(),
+        _rest: [0; 16],
+    };
+    ifreq.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: `ifreq` and the `info` it points to outlive the call, and
+    // `info` is the full structure the command fills in.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &raw mut ifreq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = info
+        .driver
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// Network byte order, as `LB_CONFIG` holds addresses.
@@ -459,6 +646,27 @@ impl Datapath {
         Self::write_config(&mut self.ebpf, config)?;
         self.config = config;
         Ok(true)
+    }
+
+    /// Sets how `lb_xdp_ext` forwards (`CONFIG_F_XDP_NO_TX`), rewriting
+    /// `LB_CONFIG` if it changed. Whether it changed.
+    pub fn set_xdp_forwarding(&mut self, forwarding: XdpForwarding) -> Result<bool, LoadError> {
+        let flags = forwarding.apply(self.config.flags);
+        if flags == self.config.flags {
+            return Ok(false);
+        }
+        let config = DatapathConfig {
+            flags,
+            ..self.config
+        };
+        Self::write_config(&mut self.ebpf, config)?;
+        self.config = config;
+        Ok(true)
+    }
+
+    /// How `lb_xdp_ext` forwards, as `LB_CONFIG` says.
+    pub fn xdp_forwarding(&self) -> XdpForwarding {
+        XdpForwarding::of(&self.config)
     }
 
     /// The pin directory.
@@ -792,6 +1000,107 @@ mod tests {
             io::Error::from_raw_os_error(libc::EPERM)
         )));
         assert!(!xdp_generic_fallback(&ProgramError::NotLoaded));
+    }
+
+    fn drivers(list: &[(&str, Result<&str, &str>)]) -> Vec<(String, Result<String, String>)> {
+        list.iter()
+            .map(|(iface, driver)| {
+                (
+                    (*iface).to_owned(),
+                    driver.map(str::to_owned).map_err(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auto_forwards_through_tc_on_a_veth_uplink() {
+        let decision =
+            choose_xdp_forwarding(XdpForwardChoice::Auto, &drivers(&[("eth0", Ok("veth"))]));
+        assert_eq!(decision.forwarding, XdpForwarding::Tc);
+        assert!(
+            decision.reason.contains("eth0 is a veth"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn auto_transmits_from_xdp_on_other_drivers() {
+        for list in [
+            vec![("eth0", Ok("mlx5_core"))],
+            vec![("eth0", Ok("ixgbe")), ("br0", Ok("bridge"))],
+            // A driver that cannot be named is not a veth (a veth answers).
+            vec![("eth0", Err("Operation not supported"))],
+            vec![],
+        ] {
+            let decision = choose_xdp_forwarding(XdpForwardChoice::Auto, &drivers(&list));
+            assert_eq!(decision.forwarding, XdpForwarding::Transmit, "{list:?}");
+        }
+    }
+
+    #[test]
+    fn auto_chooses_tc_when_external_interfaces_disagree_and_says_so() {
+        let decision = choose_xdp_forwarding(
+            XdpForwardChoice::Auto,
+            &drivers(&[("eth0", Ok("ixgbe")), ("eth1", Ok("veth"))]),
+        );
+        assert_eq!(decision.forwarding, XdpForwarding::Tc);
+        assert!(
+            decision.reason.contains("eth1 is a veth"),
+            "{}",
+            decision.reason
+        );
+        assert!(
+            decision.reason.contains("also on eth0 (ixgbe)"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn a_fixed_choice_wins_over_the_drivers() {
+        let veth = drivers(&[("eth0", Ok("veth"))]);
+        let nic = drivers(&[("eth0", Ok("ice"))]);
+        let tx = XdpForwardChoice::Fixed(XdpForwarding::Transmit);
+        let tc = XdpForwardChoice::Fixed(XdpForwarding::Tc);
+        assert_eq!(
+            choose_xdp_forwarding(tx, &veth).forwarding,
+            XdpForwarding::Transmit
+        );
+        assert_eq!(
+            choose_xdp_forwarding(tc, &nic).forwarding,
+            XdpForwarding::Tc
+        );
+        assert_eq!(choose_xdp_forwarding(tc, &nic).reason, "--xdp-forward tc");
+    }
+
+    #[test]
+    fn forwarding_modes_map_to_the_config_flag() {
+        let flags = lb_common::config::CONFIG_F_LOG;
+        let tc = XdpForwarding::Tc.apply(flags);
+        assert_eq!(tc, flags | CONFIG_F_XDP_NO_TX);
+        assert_eq!(XdpForwarding::Transmit.apply(tc), flags);
+        let config = DatapathConfig {
+            flags: tc,
+            ..DatapathConfig::DEFAULT
+        };
+        assert_eq!(XdpForwarding::of(&config), XdpForwarding::Tc);
+        assert_eq!(
+            XdpForwarding::of(&DatapathConfig::DEFAULT),
+            XdpForwarding::Transmit
+        );
+    }
+
+    #[test]
+    fn the_driver_of_a_missing_interface_is_an_error() {
+        assert!(interface_driver("lbt-no-such0").is_err());
+        assert!(interface_driver("a-name-longer-than-ifnamsiz").is_err());
+        // Loopback exists in every network namespace and has no ethtool
+        // driver information (EOPNOTSUPP), or reports none.
+        if let Ok(driver) = interface_driver("lo") {
+            assert_ne!(driver, VETH_DRIVER);
+        }
     }
 
     #[test]
