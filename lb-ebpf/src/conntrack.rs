@@ -274,6 +274,15 @@ pub fn remove_unclaimed(key: &FlowKey) {
     let _ = LB_CONNTRACK.remove(key);
 }
 
+/// Deletes the source-translated flow of `key` that the current packet
+/// created (to `backend`, holding `nat_port`) and gives its port back:
+/// that packet was dropped.
+#[inline(always)]
+pub fn remove_new(key: &FlowKey, backend: &Backend, nat_port: u16) {
+    let _ = LB_CONNTRACK.remove(key);
+    snat::release_port(backend.addr, backend.port, nat_port, key.proto);
+}
+
 /// Deletes the flow `flow` of `key`, and the translated port it holds if
 /// it is source-translated. A flow already gone (deleted by another CPU,
 /// evicted) is what the caller wanted anyway.

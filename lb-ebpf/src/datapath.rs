@@ -347,20 +347,45 @@ fn new_flow<C: PacketContext, R: Role>(
         dst_addr: backend.addr,
         dst_port: backend.port,
     };
-    // The flow exists from here on: a packet XDP hands to TC is an
-    // established one there.
-    let Some(route) = fib::plan(ctx, pkt, &new)? else {
-        count(Counter::NewFlow);
-        count(Counter::XdpToTc);
-        stats::new_flow(service.id, backend_id);
-        return Ok(Action::Pass);
+    match send_new_snat::<C>(ctx, pkt, &new) {
+        // The flow exists from here on: a packet XDP hands to TC is an
+        // established one there.
+        Ok(None) => {
+            count(Counter::NewFlow);
+            count(Counter::XdpToTc);
+            stats::new_flow(service.id, backend_id);
+            Ok(Action::Pass)
+        }
+        Ok(Some(action)) => {
+            count(Counter::NewFlow);
+            count(Counter::Forwarded);
+            stats::forward(service.id, backend_id, ctx.packet_len(), true);
+            Ok(action)
+        }
+        Err(error) => {
+            // The packet that created the flow is dropped (no route, a
+            // failed rewrite): nothing of the flow reached the backend, so
+            // neither the flow nor its port may outlive it; a retransmit
+            // starts over.
+            conntrack::remove_new(key, &backend, nat_port);
+            Err(error)
+        }
+    }
+}
+
+/// Routes, translates and sends the first packet of a source-translated
+/// flow. `Ok(None)`: XDP hands it to TC untouched.
+#[inline(always)]
+fn send_new_snat<C: PacketContext>(
+    ctx: &C,
+    pkt: &Packet,
+    new: &Tuple,
+) -> Result<Option<Action>, Error> {
+    let Some(route) = fib::plan(ctx, pkt, new)? else {
+        return Ok(None);
     };
-    nat::translate(ctx, pkt, &new)?;
-    let action = fib::send(ctx, pkt, &new, route)?;
-    count(Counter::NewFlow);
-    count(Counter::Forwarded);
-    stats::forward(service.id, backend_id, ctx.packet_len(), true);
-    Ok(action)
+    nat::translate(ctx, pkt, new)?;
+    fib::send(ctx, pkt, new, route).map(Some)
 }
 
 /// The tracked flow a packet whose destination is no frontend answers, if

@@ -1032,6 +1032,11 @@ fn scenarios() -> Vec<Scenario> {
                 reason: DropReason::NoRoute,
                 total: 1,
             },
+            // The dropped SYN leaves neither its flow nor its port.
+            Step::FlowAbsent {
+                key: flow_key(CLIENT, proto::TCP, SVC_BLACKHOLE),
+            },
+            Step::SnatEntries(0),
             Step::Update {
                 what: "no node address known (snat_addr 0)",
                 apply: |datapath| datapath.set_config(&DatapathConfig::DEFAULT),
