@@ -18,6 +18,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod names;
 pub mod nat;
+pub mod ports;
 pub mod service;
 pub mod stats;
 

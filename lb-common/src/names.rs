@@ -45,11 +45,14 @@ pub const MAP_BACKEND_STATS: &str = "LB_BE_STATS";
 pub const MAP_SNAT: &str = "LB_SNAT";
 /// `loadBalancerSourceRanges`: LPM trie of (service id, client range) -> allowed.
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+/// Port filter: port (host order) -> `PORT_F_*` bits, an array of 65,536
+/// bytes ([`crate::ports`]).
+pub const MAP_PORTS: &str = "LB_PORTS";
 /// Single-entry runtime configuration ([`crate::config::DatapathConfig`]).
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 
 /// Every map, in the order `inspect` and the docs list them.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
@@ -64,6 +67,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_BACKEND_STATS,
     MAP_SNAT,
     MAP_SOURCE_RANGES,
+    MAP_PORTS,
 ];
 
 /// Default directory under bpffs where one agent instance pins its maps.

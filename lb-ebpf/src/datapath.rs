@@ -12,6 +12,7 @@ use lb_common::{
     backend::{BACKEND_F_LOCAL, BackendAddr, RevNat},
     conntrack::{FLOW_F_EXTERNAL, FLOW_F_HAIRPIN, FLOW_F_SNAT, Flow, FlowKey},
     counters::Counter,
+    ports::PORT_F_BACKEND,
     service::{SERVICE_F_EXTERNAL, SERVICE_F_SOURCE_RANGES, ServiceValue},
     stats::DropReason,
 };
@@ -28,7 +29,7 @@ use crate::{
     maps::LB_REVNAT,
     nat::{self, Tuple},
     parse::{self, Packet, Parsed},
-    reject, service, snat, source_range, stats,
+    ports, reject, service, snat, source_range, stats,
 };
 
 /// Where a program runs, which decides what it translates.
@@ -88,7 +89,10 @@ pub fn process<C: PacketContext, R: Role>(ctx: &C) -> Result<Action, Error> {
             return Ok(Action::Pass);
         }
     };
-    if let Some(service) = service::lookup(&pkt)
+    // The port filter first: most packets of a node are no service's, and
+    // a port no frontend (of this role's kind) has needs no hash lookup.
+    if ports::bits(pkt.dst_port) & ports::frontend_bit(R::KIND) != 0
+        && let Some(service) = service::lookup(&pkt)
         && R::translates(&service)
     {
         let result = forward::<C, R>(ctx, &pkt, &service);
@@ -100,8 +104,12 @@ pub fn process<C: PacketContext, R: Role>(ctx: &C) -> Result<Action, Error> {
     // Replies. Every reply comes from a backend, which is in LB_REVNAT
     // (source-translated flows' replies too): a packet that is no
     // service's costs that one lookup, as before source translation
-    // existed. The translated-port check then only compares against the
-    // configuration.
+    // existed, and none at all from a port no backend has. The
+    // translated-port check then only compares against the configuration.
+    if ports::bits(pkt.src_port) & PORT_F_BACKEND == 0 {
+        count(Counter::Pass);
+        return Ok(Action::Pass);
+    }
     let backend = BackendAddr::new(pkt.src_addr, pkt.src_port, pkt.proto);
     let Some(candidates) = LB_REVNAT.get_ptr(&backend) else {
         count(Counter::Pass);

@@ -67,6 +67,13 @@
 //! | a rewrite helper failed | `TC_ACT_SHOT` | `RewriteFailed` |
 //! | building the RST / ICMP answer failed | `TC_ACT_SHOT` | `RejectFailed` |
 //!
+//! A packet is checked against the port filter (`LB_PORTS`, two array
+//! loads) before the frontend lookup (its destination port must be some
+//! frontend's: any frontend's for `lb_tc_pod`, an external one's for the
+//! external programs) and before the reply lookups (its source port must
+//! be some backend's); a port without the bit skips the hash lookup, so a
+//! packet that is no service's costs no hash lookup at all.
+//!
 //! ## Forwarding
 //!
 //! A packet whose new source the stack would reject (a node address is a
@@ -157,6 +164,7 @@ mod log;
 mod maps;
 mod nat;
 mod parse;
+mod ports;
 mod reject;
 mod service;
 mod snat;

@@ -23,6 +23,7 @@ use lb_common::{
     conntrack::{Flow, FlowKey},
     counters::COUNTER_COUNT,
     nat::{SnatKey, SnatValue, SourceRange},
+    ports::PORT_FILTER_SIZE,
     service::{ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{BackendStats, MAX_BACKEND_STATS, MAX_SERVICE_STATS, ServiceStats},
 };
@@ -104,6 +105,13 @@ pub static LB_SNAT: LruHashMap<SnatKey, SnatValue, { MAX_SNAT_FLOWS as usize }> 
 /// with `SERVICE_F_SOURCE_RANGES`.
 #[btf_map]
 pub static LB_SRC_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// Port filter: port (host byte order) -> `lb_common::ports::PORT_F_*`
+/// bits, written by the agent before the frontends and backends that need
+/// them. A port without the bit skips the `LB_SERVICES` (destination) or
+/// `LB_REVNAT` (source) lookup.
+#[btf_map]
+pub static LB_PORTS: Array<u8, { PORT_FILTER_SIZE as usize }> = Array::new();
 
 /// Runtime configuration (one entry): log switch, flow timeouts, SNAT
 /// and hairpin addresses, translated port range.

@@ -10,7 +10,7 @@ use lb_common::backend::{Backend, BackendAddr, RevNat};
 use lb_common::config::defaults::MAGLEV_TABLE_SIZE;
 use lb_common::conntrack::{Flow, FlowKey};
 use lb_common::names::{
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_MEMBERS, MAP_PORTS, MAP_REVNAT,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
 };
 use lb_common::nat::{SOURCE_RANGE_ALLOWED, SourceRange};
@@ -67,6 +67,8 @@ pub struct AyaMaps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// The port filter: port (host byte order) -> `PORT_F_*` bits.
+    ports: Array<MapData, u8>,
 }
 
 /// The `LB_SRC_RANGES` key of an entry.
@@ -114,6 +116,7 @@ impl AyaMaps {
             service_stats: typed(open(MAP_SERVICE_STATS)?, MAP_SERVICE_STATS)?,
             backend_stats: typed(open(MAP_BACKEND_STATS)?, MAP_BACKEND_STATS)?,
             source_ranges: typed(open(MAP_SOURCE_RANGES)?, MAP_SOURCE_RANGES)?,
+            ports: typed(open(MAP_PORTS)?, MAP_PORTS)?,
         })
     }
 
@@ -276,6 +279,7 @@ impl MapOps for AyaMaps {
             MapWrite::ResetBackendStats { slot } => {
                 zeroed_per_cpu().and_then(|zero| self.backend_stats.set(*slot, zero, 0))
             }
+            MapWrite::Port { port, bits } => self.ports.set(u32::from(*port), bits, 0),
         }
         .map_err(|source| write_error(write, source))
     }
@@ -323,6 +327,16 @@ impl MapOps for AyaMaps {
             contents.maglev.insert(table, entries);
         }
         contents.source_ranges = read_source_ranges(&self.source_ranges)?;
+        // 65,536 reads of one byte, once at start.
+        for port in 0..self.ports.len() {
+            let bits = self
+                .ports
+                .get(&port, 0)
+                .map_err(|e| read_error(MAP_PORTS, e))?;
+            if bits != 0 {
+                contents.ports.insert(port as u16, bits);
+            }
+        }
         Ok(contents)
     }
 

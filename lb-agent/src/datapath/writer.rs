@@ -33,12 +33,13 @@ use lb_common::backend::{
     MAX_REVNAT_SERVICES, RevNat,
 };
 use lb_common::names::{
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_REVNAT, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_PORTS, MAP_REVNAT,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES,
 };
+use lb_common::ports::{PORT_F_BACKEND, PORT_F_EXTERNAL_FRONTEND, PORT_F_FRONTEND};
 use lb_common::service::{
-    SERVICE_F_DROP, SERVICE_F_MAGLEV, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, Slot,
-    SlotKey,
+    SERVICE_F_DROP, SERVICE_F_EXTERNAL, SERVICE_F_MAGLEV, SERVICE_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue, Slot, SlotKey,
 };
 use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
@@ -109,6 +110,12 @@ pub enum MapWrite {
     ResetBackendStats {
         slot: u32,
     },
+    /// Set the `LB_PORTS` entry of `port` (host byte order) to `bits`
+    /// (`PORT_F_*`; 0 clears it).
+    Port {
+        port: u16,
+        bits: u8,
+    },
 }
 
 impl MapWrite {
@@ -124,6 +131,7 @@ impl MapWrite {
             MapWrite::SourceRange { .. } | MapWrite::DeleteSourceRange { .. } => MAP_SOURCE_RANGES,
             MapWrite::ResetServiceStats { .. } => MAP_SERVICE_STATS,
             MapWrite::ResetBackendStats { .. } => MAP_BACKEND_STATS,
+            MapWrite::Port { .. } => MAP_PORTS,
         }
     }
 
@@ -208,6 +216,7 @@ impl fmt::Display for MapWrite {
             MapWrite::ResetServiceStats { slot } | MapWrite::ResetBackendStats { slot } => {
                 write!(f, "entry {slot} -> 0")?
             }
+            MapWrite::Port { port, bits } => write!(f, "port {port} -> {bits:#x}")?,
         }
         f.write_str(")")
     }
@@ -275,6 +284,8 @@ pub struct MapContents {
     /// back from the kernel.
     pub maglev: BTreeMap<u16, Vec<u32>>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
+    /// Non-zero entries of `LB_PORTS`: port (host byte order) -> bits.
+    pub ports: BTreeMap<u16, u8>,
 }
 
 impl MapContents {
@@ -329,6 +340,13 @@ impl MapContents {
             }
             MapWrite::DeleteSourceRange { key } => {
                 self.source_ranges.remove(&key);
+            }
+            MapWrite::Port { port, bits } => {
+                if bits == 0 {
+                    self.ports.remove(&port);
+                } else {
+                    self.ports.insert(port, bits);
+                }
             }
             // Counters are not mirrored.
             MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. } => {}
@@ -493,6 +511,82 @@ struct UsableBackend {
     final_value: Backend,
 }
 
+/// The `LB_PORTS` bits a frontend's port needs.
+fn frontend_port_bits(value: &ServiceValue) -> u8 {
+    if value.flags & SERVICE_F_EXTERNAL != 0 {
+        PORT_F_FRONTEND | PORT_F_EXTERNAL_FRONTEND
+    } else {
+        PORT_F_FRONTEND
+    }
+}
+
+/// The `LB_PORTS` entry (port in host byte order, bits) that must be in
+/// place before `write` is made.
+fn port_needed_by(write: &MapWrite) -> Option<(u16, u8)> {
+    match write {
+        MapWrite::Service { key, value } => {
+            Some((u16::from_be(key.port), frontend_port_bits(value)))
+        }
+        MapWrite::RevNat { key, .. } => Some((u16::from_be(key.port), PORT_F_BACKEND)),
+        _ => None,
+    }
+}
+
+/// How many programmed entries need each bit of one port's `LB_PORTS`
+/// entry: frontends (of which external ones) with the port, and backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PortUsers {
+    frontends: u32,
+    external_frontends: u32,
+    backends: u32,
+}
+
+impl PortUsers {
+    fn bits(&self) -> u8 {
+        let mut bits = 0;
+        if self.frontends > 0 {
+            bits |= PORT_F_FRONTEND;
+        }
+        if self.external_frontends > 0 {
+            bits |= PORT_F_EXTERNAL_FRONTEND;
+        }
+        if self.backends > 0 {
+            bits |= PORT_F_BACKEND;
+        }
+        bits
+    }
+
+    /// Counts (`add`) or uncounts a frontend of `value`.
+    fn frontend(&mut self, value: &ServiceValue, add: bool) {
+        let step = |count: &mut u32| {
+            *count = if add {
+                *count + 1
+            } else {
+                count.saturating_sub(1)
+            };
+        };
+        step(&mut self.frontends);
+        if value.flags & SERVICE_F_EXTERNAL != 0 {
+            step(&mut self.external_frontends);
+        }
+    }
+}
+
+/// [`PortUsers`] of every port the programmed frontends and backends use.
+fn port_users_of(programmed: &MapContents) -> BTreeMap<u16, PortUsers> {
+    let mut users: BTreeMap<u16, PortUsers> = BTreeMap::new();
+    for (key, value) in &programmed.services {
+        users
+            .entry(u16::from_be(key.port))
+            .or_default()
+            .frontend(value, true);
+    }
+    for key in programmed.revnat.keys() {
+        users.entry(u16::from_be(key.port)).or_default().backends += 1;
+    }
+    users
+}
+
 /// See the module documentation.
 pub struct Writer<M: MapOps> {
     maps: M,
@@ -533,6 +627,9 @@ pub struct Writer<M: MapOps> {
     /// apply failed somewhere, a setting changed, or a Maglev service
     /// waits for a table (see [`Writer::apply`]).
     full_next: bool,
+    /// Per port, the programmed entries that need its `LB_PORTS` bits
+    /// (kept by [`Self::write`]; ports nothing uses are absent).
+    port_users: BTreeMap<u16, PortUsers>,
 }
 
 /// What an incremental apply looks at: the service ports that changed
@@ -613,6 +710,7 @@ impl<M: MapOps> Writer<M> {
         for value in programmed.services.values() {
             *frontends_per_id.entry(value.id).or_default() += 1;
         }
+        let port_users = port_users_of(&programmed);
 
         Self {
             maps,
@@ -636,6 +734,7 @@ impl<M: MapOps> Writer<M> {
             applied: BTreeMap::new(),
             listers: BTreeMap::new(),
             full_next: true,
+            port_users,
         }
     }
 
@@ -736,6 +835,10 @@ impl<M: MapOps> Writer<M> {
         // service port outside the scope is then exactly as programmed,
         // and a full apply would write nothing for it.
         let scope = if self.full_next {
+            // Maps adopted from a previous instance (or an older one
+            // without the port filter) get every bit their entries need
+            // before anything else.
+            self.fill_port_filter(&mut report);
             self.assign_service_ids(desired);
             self.remember_all(desired);
             None
@@ -1070,6 +1173,12 @@ impl<M: MapOps> Writer<M> {
                 }
                 self.release_backend_id(id);
             }
+        }
+
+        if scope.is_none() {
+            // Bits nothing needs any more (adopted, or left by a failed
+            // clear): cleared once their last user is gone, i.e. now.
+            self.trim_port_filter(&mut report);
         }
 
         // A service waiting for a Maglev table retries on every apply, and
@@ -1752,12 +1861,140 @@ impl<M: MapOps> Writer<M> {
         }
     }
 
-    /// Carries out one write; on success mirrors it, on failure logs and
-    /// counts it. Returns whether it succeeded.
+    /// Sets in `LB_PORTS` every bit a programmed entry needs.
+    fn fill_port_filter(&mut self, report: &mut ApplyReport) {
+        let missing: Vec<MapWrite> = self
+            .port_users
+            .iter()
+            .filter_map(|(&port, users)| {
+                let current = self.programmed.ports.get(&port).copied().unwrap_or(0);
+                let bits = current | users.bits();
+                (bits != current).then_some(MapWrite::Port { port, bits })
+            })
+            .collect();
+        for write in missing {
+            self.write_entry(write, report);
+        }
+    }
+
+    /// Clears in `LB_PORTS` every bit no programmed entry needs.
+    fn trim_port_filter(&mut self, report: &mut ApplyReport) {
+        let extra: Vec<MapWrite> = self
+            .programmed
+            .ports
+            .iter()
+            .filter_map(|(&port, &current)| {
+                let needed = self.port_users.get(&port).map_or(0, PortUsers::bits);
+                (current & !needed != 0).then_some(MapWrite::Port {
+                    port,
+                    bits: current & needed,
+                })
+            })
+            .collect();
+        for write in extra {
+            self.write_entry(write, report);
+        }
+    }
+
+    /// Keeps [`Self::port_users`] for a successful write, before the
+    /// mirror takes it.
+    fn count_port_users(&mut self, write: &MapWrite) {
+        match write {
+            MapWrite::Service { key, value } => {
+                let old = self.programmed.services.get(key).copied();
+                let users = self.port_users.entry(u16::from_be(key.port)).or_default();
+                users.frontend(value, true);
+                if let Some(old) = old {
+                    users.frontend(&old, false);
+                }
+            }
+            MapWrite::DeleteService { key } => {
+                if let Some(old) = self.programmed.services.get(key) {
+                    self.port_users
+                        .entry(u16::from_be(key.port))
+                        .or_default()
+                        .frontend(old, false);
+                }
+            }
+            MapWrite::RevNat { key, .. } if !self.programmed.revnat.contains_key(key) => {
+                self.port_users
+                    .entry(u16::from_be(key.port))
+                    .or_default()
+                    .backends += 1;
+            }
+            MapWrite::DeleteRevNat { key } if self.programmed.revnat.contains_key(key) => {
+                let users = self.port_users.entry(u16::from_be(key.port)).or_default();
+                users.backends = users.backends.saturating_sub(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// The port (host byte order) whose `LB_PORTS` bits a successful
+    /// `write` may have left unused.
+    fn port_released_by(write: &MapWrite) -> Option<u16> {
+        match write {
+            MapWrite::Service { key, .. } | MapWrite::DeleteService { key } => {
+                Some(u16::from_be(key.port))
+            }
+            MapWrite::DeleteRevNat { key } => Some(u16::from_be(key.port)),
+            _ => None,
+        }
+    }
+
+    /// Carries out one write, keeping the port filter (`LB_PORTS`) ahead
+    /// of it: the bits a frontend or backend needs are set before it is
+    /// written (if that fails, neither is written), and bits its removal
+    /// leaves unused are cleared after it. On success mirrors it, on
+    /// failure logs and counts it. Returns whether it succeeded.
     fn write(&mut self, write: MapWrite, report: &mut ApplyReport) -> bool {
+        if let Some((port, bits)) = port_needed_by(&write) {
+            let current = self.programmed.ports.get(&port).copied().unwrap_or(0);
+            if current & bits != bits
+                && !self.write_entry(
+                    MapWrite::Port {
+                        port,
+                        bits: current | bits,
+                    },
+                    report,
+                )
+            {
+                return false;
+            }
+        }
+        if !self.write_entry(write, report) {
+            return false;
+        }
+        if let Some(port) = Self::port_released_by(&write) {
+            let current = self.programmed.ports.get(&port).copied().unwrap_or(0);
+            let needed = match self.port_users.get(&port) {
+                Some(users) if *users != PortUsers::default() => users.bits(),
+                _ => {
+                    self.port_users.remove(&port);
+                    0
+                }
+            };
+            if current & !needed != 0 {
+                // A failure leaves a bit too many (a lookup, not a miss);
+                // the next (full) apply clears it.
+                self.write_entry(
+                    MapWrite::Port {
+                        port,
+                        bits: current & needed,
+                    },
+                    report,
+                );
+            }
+        }
+        true
+    }
+
+    /// Carries out one write as it is; see [`Self::write`].
+    fn write_entry(&mut self, write: MapWrite, report: &mut ApplyReport) -> bool {
         match self.maps.write(&write) {
             Ok(()) => {
                 self.count_frontend_ids(&write);
+                self.count_port_users(&write);
                 self.programmed.apply(&write);
                 report.writes += 1;
                 true
@@ -1886,6 +2123,28 @@ mod tests {
     /// a Maglev service with backends has a whole table of such backends;
     /// every member is a live, ready backend.
     fn check_invariants(contents: &MapContents, after_write: usize) {
+        let port_bits = |port: u16| {
+            contents
+                .ports
+                .get(&u16::from_be(port))
+                .copied()
+                .unwrap_or(0)
+        };
+        for (key, value) in &contents.services {
+            let bits = frontend_port_bits(value);
+            assert_eq!(
+                port_bits(key.port) & bits,
+                bits,
+                "after write {after_write}: the port filter hides frontend {key:?}"
+            );
+        }
+        for key in contents.revnat.keys() {
+            assert_ne!(
+                port_bits(key.port) & PORT_F_BACKEND,
+                0,
+                "after write {after_write}: the port filter hides backend {key:?}"
+            );
+        }
         for member in &contents.members {
             let backend = contents.backends.get(&member.backend_id);
             assert!(
@@ -2074,14 +2333,15 @@ mod tests {
                 MapWrite::Service { .. } => "service",
                 MapWrite::Member { .. } => "member",
                 MapWrite::ResetServiceStats { .. } | MapWrite::ResetBackendStats { .. } => "reset",
+                MapWrite::Port { .. } => "port",
                 _ => "other",
             })
             .collect();
         assert_eq!(
             kinds,
             [
-                "reset", "backend", "revnat", "reset", "backend", "revnat", "reset", "member",
-                "slot", "service"
+                "reset", "backend", "port", "revnat", "reset", "backend", "revnat", "reset",
+                "member", "slot", "port", "service"
             ]
         );
         assert_eq!(writer.programmed(), &writer.maps.contents);
@@ -2266,10 +2526,13 @@ mod tests {
         writer.apply(&state(&[("db", db, &[(20, true)])]));
         let log = take_log_without_members(&mut writer);
         assert_eq!(log[0], MapWrite::DeleteService { key: web.key() });
-        assert!(matches!(log[1], MapWrite::DeleteSlot { .. }));
-        assert!(matches!(log[2], MapWrite::DeleteRevNat { .. }));
-        assert!(matches!(log[3], MapWrite::Backend { value, .. } if !value.is_active()));
-        assert_eq!(log.len(), 4);
+        // Its port, which no other frontend has, leaves the port filter
+        // once the frontend is gone; the backends' port 8080 stays (db's).
+        assert_eq!(log[1], MapWrite::Port { port: 80, bits: 0 });
+        assert!(matches!(log[2], MapWrite::DeleteSlot { .. }));
+        assert!(matches!(log[3], MapWrite::DeleteRevNat { .. }));
+        assert!(matches!(log[4], MapWrite::Backend { value, .. } if !value.is_active()));
+        assert_eq!(log.len(), 5);
     }
 
     #[test]
@@ -2878,6 +3141,74 @@ mod tests {
             }]
             .into()
         );
+    }
+
+    #[test]
+    fn the_port_filter_follows_frontends_and_backends() {
+        let mut writer = writer();
+        writer.apply(&external_web(SourceRanges::Any));
+        let all = PORT_F_FRONTEND | PORT_F_EXTERNAL_FRONTEND;
+        assert_eq!(
+            writer.maps.contents.ports,
+            [(80, all), (8080, PORT_F_BACKEND), (30080, all)].into()
+        );
+        take_log(&mut writer);
+
+        // Only the ClusterIP frontend stays: port 80 keeps the bit of any
+        // frontend and loses the external one, 30080 goes, each after the
+        // frontend that needed it.
+        writer.apply(&state(&[("web", frontend(1, 80), &[(10, true)])]));
+        assert_eq!(
+            writer.maps.contents.ports,
+            [(80, PORT_F_FRONTEND), (8080, PORT_F_BACKEND)].into()
+        );
+        let log = take_log(&mut writer);
+        let deleted = |key: ServiceKey| position(&log, |w| *w == MapWrite::DeleteService { key });
+        let cleared = |port: u16, bits: u8| position(&log, |w| *w == MapWrite::Port { port, bits });
+        assert!(deleted(frontend(2, 30080).key()) < cleared(30080, 0));
+        assert!(deleted(frontend(3, 80).key()) < cleared(80, PORT_F_FRONTEND));
+
+        // Nothing left: nothing passes the filter.
+        writer.apply(&DesiredState::new());
+        assert_eq!(writer.maps.contents.ports, BTreeMap::new());
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
+    fn adopted_maps_without_port_bits_get_them_first() {
+        let desired = state(&[("web", frontend(1, 80), &[(10, true)])]);
+        let mut first = writer();
+        first.apply(&desired);
+        let mut maps = std::mem::take(&mut first.maps);
+        maps.backend_capacity = 64;
+        maps.maglev_capacity = 2 * TEST_MAGLEV_SIZE;
+        // Pins of a version without the filter, plus a stale bit.
+        maps.contents.ports = [(9999, PORT_F_BACKEND)].into();
+        maps.log.clear();
+        maps.unchecked = true;
+
+        let mut second = Writer::adopt(maps).unwrap();
+        second.set_selection(Selection::Random, TEST_MAGLEV_SIZE);
+        let report = second.apply(&desired);
+        assert_eq!(report.failures, 0);
+        assert_eq!(
+            take_log(&mut second),
+            [
+                MapWrite::Port {
+                    port: 80,
+                    bits: PORT_F_FRONTEND
+                },
+                MapWrite::Port {
+                    port: 8080,
+                    bits: PORT_F_BACKEND
+                },
+                MapWrite::Port {
+                    port: 9999,
+                    bits: 0
+                },
+            ]
+        );
+        check_invariants(&second.maps.contents, 0);
     }
 
     /// Positions of the first write matching each predicate in `log`.

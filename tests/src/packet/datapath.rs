@@ -17,7 +17,8 @@ use lb_common::{
     conntrack::{Flow, FlowKey},
     counters::{COUNTER_COUNT, Counter},
     names,
-    service::{ServiceKey, ServiceValue, Slot, SlotKey},
+    ports::{PORT_F_BACKEND, PORT_F_EXTERNAL_FRONTEND, PORT_F_FRONTEND},
+    service::{SERVICE_F_EXTERNAL, ServiceKey, ServiceValue, Slot, SlotKey},
 };
 
 use super::{PacketError, Result};
@@ -359,11 +360,40 @@ impl Datapath {
         proto: u8,
         value: &ServiceValue,
     ) -> Result<()> {
+        // As the agent does: the port filter admits the port first.
+        let bits = if value.flags & SERVICE_F_EXTERNAL != 0 {
+            PORT_F_FRONTEND | PORT_F_EXTERNAL_FRONTEND
+        } else {
+            PORT_F_FRONTEND
+        };
+        self.add_port_bits(frontend.port(), bits)?;
         let name = names::MAP_SERVICES;
         let key = ServiceKey::new(be_addr(frontend), be_port(frontend), proto);
         self.hash_map_mut::<ServiceKey, ServiceValue>(name)?
             .insert(&key, value, 0)
             .map_err(map_error(name, "insert"))
+    }
+
+    /// The `LB_PORTS` bits of `port` (host byte order).
+    pub fn port_bits(&self, port: u16) -> Result<u8> {
+        let name = names::MAP_PORTS;
+        let map: Array<_, u8> =
+            Array::try_from(self.map(name)?).map_err(map_error(name, "open"))?;
+        map.get(&u32::from(port), 0).map_err(map_error(name, "get"))
+    }
+
+    /// Sets `bits` in the `LB_PORTS` entry of `port` (host byte order).
+    /// Bits are never cleared here: a bit too many only costs a lookup.
+    pub fn add_port_bits(&mut self, port: u16, bits: u8) -> Result<()> {
+        let current = self.port_bits(port)?;
+        if current & bits == bits {
+            return Ok(());
+        }
+        let name = names::MAP_PORTS;
+        let mut map: Array<_, u8> =
+            Array::try_from(self.map_mut(name)?).map_err(map_error(name, "open"))?;
+        map.set(u32::from(port), &(current | bits), 0)
+            .map_err(map_error(name, "set"))
     }
 
     pub fn set_slot(&mut self, service_id: u32, slot: u32, backend_id: u32) -> Result<()> {
@@ -392,6 +422,7 @@ impl Datapath {
     }
 
     pub fn set_revnat(&mut self, backend: &BackendAddr, value: &RevNat) -> Result<()> {
+        self.add_port_bits(u16::from_be(backend.port), PORT_F_BACKEND)?;
         let name = names::MAP_REVNAT;
         self.hash_map_mut::<BackendAddr, RevNat>(name)?
             .insert(backend, value, 0)
