@@ -165,10 +165,13 @@ fn decide_xdp_forwarding(options: &RunOptions) -> Option<XdpForwarding> {
     let decision = choose_xdp_forwarding(options.xdp_forward, &drivers);
     info!(
         xdp_forward = decision.forwarding.name(),
-        "XDP forwarding: {} ({})",
+        "XDP forwarding {}: {}, because {}",
+        decision.forwarding.name(),
         match decision.forwarding {
-            XdpForwarding::Transmit => "XDP_TX out of the arrival interface where the route allows",
-            XdpForwarding::Tc => "every forwarded packet through lb_tc_ext",
+            XdpForwarding::Transmit => {
+                "XDP_TX where the route leads back out of the arrival interface, the rest through lb_tc_ext"
+            }
+            XdpForwarding::Tc => "every packet to forward goes to lb_tc_ext (bpf_redirect_neigh)",
         },
         decision.reason
     );

@@ -339,8 +339,7 @@ pub fn choose_xdp_forwarding(
     }
     let veths: Vec<&str> = veths.iter().map(|(iface, _)| iface.as_str()).collect();
     let mut reason = format!(
-        "{} is a veth, whose peer takes XDP_TX frames only if it has an XDP program of its own; \
-         forwarding through {PROG_TC_EXTERNAL} (bpf_redirect_neigh)",
+        "{} is a veth, whose peer takes XDP_TX frames only if it has an XDP program of its own",
         veths.join(", ")
     );
     if !others.is_empty() {
