@@ -64,6 +64,27 @@ pub struct AgentConfig {
     extra_args: Vec<OsString>,
 }
 
+/// The modes of `lb-agent run --xdp-forward`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpForward {
+    /// By the drivers of the external interfaces (`tc` for a veth).
+    Auto,
+    /// XDP_TX where the route leads back out of the arrival interface.
+    Tx,
+    /// Every forwarded packet through `lb_tc_ext`.
+    Tc,
+}
+
+impl XdpForward {
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpForward::Auto => "auto",
+            XdpForward::Tx => "tx",
+            XdpForward::Tc => "tc",
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads Services and EndpointSlices from the directory `manifests`.
     pub fn manifests(manifests: &Path) -> Self {
@@ -95,6 +116,11 @@ impl AgentConfig {
     pub fn external(mut self, iface: &str) -> Self {
         self.external.push(iface.to_owned());
         self
+    }
+
+    /// `--xdp-forward MODE`: how the XDP program forwards.
+    pub fn xdp_forward(self, mode: XdpForward) -> Self {
+        self.arg("--xdp-forward").arg(mode.name())
     }
 
     /// Any other argument of `lb-agent run`, in order.

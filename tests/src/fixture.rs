@@ -6,12 +6,12 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, XdpForward};
 use crate::error::Result;
 use crate::manifests::{
     Endpoint, EndpointPort, EndpointSlice, ManifestDir, Protocol, Service, ServicePort, TargetPort,
 };
-use crate::topology::{ExternalClient, NETWORK_IFACE, Node, Pod, Testbed};
+use crate::topology::{ExternalClient, NETWORK_IFACE, Node, Pod, Testbed, UplinkPeer};
 use crate::traffic::{TcpServer, UdpServer};
 
 /// Name of the node of a [`OneNode`] cluster.
@@ -282,11 +282,19 @@ pub struct MultiNodeSpec {
     pub tcp_ports: Vec<u16>,
     /// ... and a UDP server on each of these.
     pub udp_ports: Vec<u16>,
+    /// What the bridge-side peer of each node's uplink runs.
+    pub uplink_peer: UplinkPeer,
+    /// `--xdp-forward` of every agent; `None` leaves the agent's default
+    /// (`auto`).
+    pub xdp_forward: Option<XdpForward>,
 }
 
 impl Default for MultiNodeSpec {
     /// Two nodes with two pods each, two external clients, servers on
-    /// TCP 8080 and UDP 5353.
+    /// TCP 8080 and UDP 5353; uplink peers with an XDP program of their
+    /// own (so XDP_TX frames arrive at once) and agents told to use
+    /// XDP_TX (`--xdp-forward tx`: on these veth uplinks `auto` would
+    /// choose `tc`, and the XDP_TX path would go untested).
     fn default() -> Self {
         Self {
             nodes: 2,
@@ -294,6 +302,8 @@ impl Default for MultiNodeSpec {
             external_clients: 2,
             tcp_ports: vec![8080],
             udp_ports: vec![5353],
+            uplink_peer: UplinkPeer::XdpPass,
+            xdp_forward: Some(XdpForward::Tx),
         }
     }
 }
@@ -301,7 +311,7 @@ impl Default for MultiNodeSpec {
 /// Nodes `node-1..` on one network, each with pods `pod-<n>-1..` running
 /// servers (which report the peer address they saw) and, once started, its
 /// own agent (own pin directory, `--node-name node-<n> --external eth0`,
-/// attached to its pods); external clients `ext-1..` on the same network;
+/// `--xdp-forward` as the spec says, attached to its pods); external clients `ext-1..` on the same network;
 /// one manifest directory every agent reads.
 ///
 /// Field order is teardown order: agents, servers, then the namespaces.
@@ -324,7 +334,7 @@ impl MultiNode {
         let mut tcp_servers = Vec::new();
         let mut udp_servers = Vec::new();
         for n in 1..=spec.nodes {
-            let node = testbed.add_networked_node(&node_name(n))?;
+            let node = testbed.add_networked_node_with(&node_name(n), spec.uplink_peer)?;
             for k in 1..=spec.pods_per_node {
                 let pod = node.add_pod(&node_pod_name(n, k))?;
                 for &port in &spec.tcp_ports {
@@ -361,7 +371,8 @@ impl MultiNode {
     }
 
     /// Starts the agent of every node: `--manifests <dir> --node-name
-    /// node-<n> --external eth0 --attach <each pod's interface>`, pinning
+    /// node-<n> --external eth0 --attach <each pod's interface>` (and
+    /// `--xdp-forward` as the spec says), pinning
     /// under `/sys/fs/bpf/<testbed>-agent-<n>`, with whatever `customize`
     /// adds; each is ready (see [`Agent::start_config`]) before the next
     /// starts.
@@ -372,12 +383,15 @@ impl MultiNode {
         assert!(self.agents.is_empty(), "the agents are already running");
         for n in 1..=self.spec.nodes {
             let node = self.node(n);
-            let config = customize(
-                AgentConfig::manifests(self.manifests.path())
-                    .node_name(&node_name(n))
-                    .external(NETWORK_IFACE)
-                    .attach(&node.pod_ifaces()),
-            );
+            let config = AgentConfig::manifests(self.manifests.path())
+                .node_name(&node_name(n))
+                .external(NETWORK_IFACE)
+                .attach(&node.pod_ifaces());
+            let config = match self.spec.xdp_forward {
+                Some(mode) => config.xdp_forward(mode),
+                None => config,
+            };
+            let config = customize(config);
             let pin_dir = self.testbed.pin_dir(&format!("agent-{n}"))?;
             let agent = Agent::start_config(node, &config, pin_dir)?;
             self.agents.push(agent);

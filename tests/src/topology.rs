@@ -21,6 +21,9 @@
 //! program sends back out with XDP_TX as a NIC's wire would: GRO on gives
 //! them the NAPI instance that receives such frames, and a do-nothing XDP
 //! program ([`crate::xdp_pass`]) makes the kernel wake it after each burst.
+//! A node added with [`UplinkPeer::Plain`] gets no such program on its
+//! peer: the uplink of a kind node or a container, whose far end a node
+//! cannot touch (the agent must then not rely on XDP_TX: `--xdp-forward`).
 //!
 //! Addressing, all inside 198.18.0.0/15 (RFC 2544 benchmarking space):
 //! pod `k` of node `n` has subnet `198.18.<32n+k>.0/24`, the node side is
@@ -114,6 +117,19 @@ fn prefix(addr: Ipv4Addr, len: u8) -> String {
     format!("{addr}/{len}")
 }
 
+/// What the bridge-side peer of a networked node's [`NETWORK_IFACE`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UplinkPeer {
+    /// GRO on and a do-nothing XDP program ([`crate::xdp_pass`]): XDP_TX
+    /// frames from the node are delivered at once, as on a NIC's wire.
+    #[default]
+    XdpPass,
+    /// GRO on, no XDP program: like the host end of a kind node's or a
+    /// container's veth, where XDP_TX frames from the node wait until
+    /// something else wakes the peer.
+    Plain,
+}
+
 /// One test's world. Everything it creates is named after
 /// [`Testbed::name`] and removed when it is dropped: external clients,
 /// nodes (with their pods), the network, then the scratch directory.
@@ -164,6 +180,12 @@ impl Testbed {
     /// [`node_addr`]; it routes the pod blocks of the other networked nodes
     /// via their addresses, and they route its block via its address.
     pub fn add_networked_node(&mut self, name: &str) -> Result<&mut Node> {
+        self.add_networked_node_with(name, UplinkPeer::XdpPass)
+    }
+
+    /// [`Testbed::add_networked_node`] with the bridge-side peer of the
+    /// node's interface set up as `peer` says.
+    pub fn add_networked_node_with(&mut self, name: &str, peer: UplinkPeer) -> Result<&mut Node> {
         let index = self.nodes.len();
         let addr = node_addr(index);
         let mut node = Node::create(&self.name, name, index)?;
@@ -175,7 +197,10 @@ impl Testbed {
         // switches on, and an XDP program of its own, without which the
         // sender never wakes that NAPI (see `xdp_pass`).
         ethtool::set(&network.ns, &port, Feature::Gro, true)?;
-        let xdp_pass = XdpPass::attach(&network.ns, &port)?;
+        let xdp_pass = match peer {
+            UplinkPeer::XdpPass => Some(XdpPass::attach(&network.ns, &port)?),
+            UplinkPeer::Plain => None,
+        };
         node.network_addr = Some(addr);
         for other in &self.nodes {
             let Some(other_addr) = other.network_addr else {
@@ -202,7 +227,7 @@ impl Testbed {
             .as_mut()
             .expect("created above")
             .xdp_passes
-            .push(xdp_pass);
+            .extend(xdp_pass);
         self.nodes.push(node);
         Ok(self.nodes.last_mut().expect("just pushed"))
     }
