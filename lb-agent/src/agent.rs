@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::datapath::loader::{
     Capacities, Datapath, LoadError, LoadOptions, XdpForwardChoice, XdpForwarding,
-    choose_xdp_forwarding, interface_driver, xdp_mode_name,
+    choose_xdp_forwarding, xdp_mode_name,
 };
 use crate::datapath::maps::{AyaMaps, StatsMaps};
 use crate::datapath::writer::{ApplyReport, MapReadError, Writer};
@@ -150,7 +150,8 @@ fn decide_xdp_forwarding(options: &RunOptions) -> Option<XdpForwarding> {
             .external
             .iter()
             .map(|iface| {
-                let driver = interface_driver(iface).map_err(|error| error.to_string());
+                let driver =
+                    crate::veths::interface_driver(iface).map_err(|error| error.to_string());
                 if let Err(error) = &driver {
                     warn!(
                         iface = iface.as_str(),

@@ -54,6 +54,24 @@ pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
     }
 }
 
+/// The driver of `iface` in the agent's network namespace, as `ethtool -i`
+/// reports it (`ETHTOOL_GDRVINFO`): "veth", "mlx5_core", "bridge"... Works
+/// for virtual devices, which have no `/sys/class/net/IFACE/device`.
+pub fn interface_driver(iface: &str) -> io::Result<String> {
+    driver(&ioctl_socket()?, iface)
+}
+
+/// A socket to send interface ioctls through.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new, valid descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The driver of `iface` (`veth`, `bridge`, ...).
 fn driver(socket: &OwnedFd, iface: &str) -> io::Result<String> {
     let mut info = EthtoolDrvinfo {
@@ -95,15 +113,11 @@ fn driver(socket: &OwnedFd, iface: &str) -> io::Result<String> {
 /// The veths of this network namespace: name -> ifindex. An interface that
 /// vanishes while being looked at is left out.
 pub fn veths() -> io::Result<BTreeMap<String, u32>> {
-    // SAFETY: plain syscall; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new, valid descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = ioctl_socket()?;
     let mut veths = interfaces()?;
-    veths.retain(|name, _| driver(&socket, name).is_ok_and(|driver| driver == "veth"));
+    veths.retain(|name, _| {
+        driver(&socket, name).is_ok_and(|driver| driver == crate::datapath::loader::VETH_DRIVER)
+    });
     Ok(veths)
 }
 
@@ -116,5 +130,16 @@ mod tests {
         let all = interfaces().unwrap();
         assert_eq!(all.get("lo"), Some(&1), "{all:?}");
         assert!(!veths().unwrap().contains_key("lo"));
+    }
+
+    #[test]
+    fn the_driver_of_a_missing_interface_is_an_error() {
+        assert!(interface_driver("lbt-no-such0").is_err());
+        assert!(interface_driver("a-name-longer-than-ifnamsiz").is_err());
+        // Loopback exists in every network namespace and has no ethtool
+        // driver information (EOPNOTSUPP), or reports none.
+        if let Ok(driver) = interface_driver("lo") {
+            assert_ne!(driver, crate::datapath::loader::VETH_DRIVER);
+        }
     }
 }

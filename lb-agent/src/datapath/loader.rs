@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -352,74 +352,6 @@ pub fn choose_xdp_forwarding(
         forwarding: XdpForwarding::Tc,
         reason,
     }
-}
-
-/// `SIOCETHTOOL` and `ETHTOOL_GDRVINFO` (linux/sockios.h, linux/ethtool.h).
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
-const ETHTOOL_GDRVINFO: u32 = 0x3;
-
-/// `struct ethtool_drvinfo`.
-#[repr(C)]
-struct EthtoolDrvinfo {
-    cmd: u32,
-    driver: [u8; 32],
-    version: [u8; 32],
-    fw_version: [u8; 32],
-    bus_info: [u8; 32],
-    erom_version: [u8; 32],
-    reserved2: [u8; 12],
-    n_priv_flags: u32,
-    n_stats: u32,
-    testinfo_len: u32,
-    eedump_len: u32,
-    regdump_len: u32,
-}
-
-/// `struct ifreq` with the `ifr_data` member of its union.
-#[repr(C)]
-struct IfreqData {
-    name: [u8; libc::IFNAMSIZ],
-    data: *mut libc::c_void,
-    _rest: [u8; 16],
-}
-
-/// The driver of `iface` in the agent's network namespace, as `ethtool -i`
-/// reports it (`ETHTOOL_GDRVINFO`): "veth", "mlx5_core", "bridge"... Works
-/// for virtual devices, which have no `/sys/class/net/IFACE/device`.
-pub fn interface_driver(iface: &str) -> io::Result<String> {
-    if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad interface name {iface:?}"),
-        ));
-    }
-    // SAFETY: plain syscall; the descriptor is owned right away.
-    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if socket < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `socket` is a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
-    // SAFETY: integers and byte arrays; all zeros is valid.
-    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
-    let mut ifreq = IfreqData {
-        name: [0; libc::IFNAMSIZ],
-        data: (&raw mut info).cast(),
-        _rest: [0; 16],
-    };
-    ifreq.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: `ifreq` and the `info` it points to outlive the call, and
-    // `info` is the full structure the command fills in.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &raw mut ifreq) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let len = info
-        .driver
-        .iter()
-        .position(|&byte| byte == 0)
-        .unwrap_or(info.driver.len());
-    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 /// Network byte order, as `LB_CONFIG` holds addresses.
@@ -1089,17 +1021,6 @@ mod tests {
             XdpForwarding::of(&DatapathConfig::DEFAULT),
             XdpForwarding::Transmit
         );
-    }
-
-    #[test]
-    fn the_driver_of_a_missing_interface_is_an_error() {
-        assert!(interface_driver("lbt-no-such0").is_err());
-        assert!(interface_driver("a-name-longer-than-ifnamsiz").is_err());
-        // Loopback exists in every network namespace and has no ethtool
-        // driver information (EOPNOTSUPP), or reports none.
-        if let Ok(driver) = interface_driver("lo") {
-            assert_ne!(driver, VETH_DRIVER);
-        }
     }
 
     #[test]
