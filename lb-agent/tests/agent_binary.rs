@@ -5,106 +5,13 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{NetnsGuard, PinDirGuard, require_privileges};
+use common::{AgentGuard, NetnsGuard, PinDirGuard, require_privileges};
 use lb_agent::inspect;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clusterip");
-
-/// The agent process; killed on drop if the test did not stop it.
-struct AgentGuard {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentGuard {
-    /// Starts the agent in `netns` (network namespace only: it keeps the
-    /// test's mount namespace, and so sees bpffs).
-    fn start(netns: &NetnsGuard, args: &[&str], log: PathBuf) -> Self {
-        let netns_file = netns.open();
-        let netns_fd = netns_file.as_raw_fd();
-        let mut command = Command::new(AGENT);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(File::options().append(true).open(&log).unwrap());
-        // SAFETY: only async-signal-safe setns between fork and exec; the
-        // namespace fd stays open (netns_file lives past spawn).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().expect("starting lb-agent");
-        drop(netns_file);
-        Self { child, log }
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        let Ok(file) = File::open(&self.log) else {
-            return Vec::new();
-        };
-        BufReader::new(file).lines().map_while(Result::ok).collect()
-    }
-
-    /// Waits until a log line satisfies `predicate`, failing if the agent
-    /// exits first or `timeout` passes.
-    fn wait_for_log(&mut self, timeout: Duration, predicate: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.log_lines().into_iter().find(|line| predicate(line)) {
-                return line;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("agent exited ({status}):\n{}", self.log_lines().join("\n"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out; agent log:\n{}",
-                self.log_lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then the exit status (within 10 s).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("agent log:\n{}", self.log_lines().join("\n"));
-        }
-    }
-}
 
 fn copy_fixtures(to: &Path) {
     for entry in std::fs::read_dir(FIXTURES).unwrap() {

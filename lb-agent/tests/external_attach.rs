@@ -11,41 +11,23 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, Map, MapData};
 use aya::programs::XdpMode;
-use common::{NetnsGuard, PinDirGuard, load_options, require_privileges};
+use common::{AgentGuard, NetnsGuard, PinDirGuard, ip, load_options, require_privileges};
 use lb_agent::datapath::loader::{Datapath, LoadError};
 use lb_common::config::DatapathConfig;
 use lb_common::names::{MAP_CONFIG, PROG_TC_EXTERNAL, PROG_TC_POD};
 use lb_common::service::SERVICE_F_EXTERNAL;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
-
 /// `IFLA_XDP_ATTACHED` values as `ip -j link` reports them (`xdp.mode`).
 const XDP_ATTACHED_DRV: u64 = 1;
 const XDP_ATTACHED_SKB: u64 = 2;
-
-fn ip(args: &[&str]) {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip(8)");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// The XDP attachment mode of `iface` in `netns`, if a program is attached.
 fn xdp_mode(netns: &NetnsGuard, iface: &str) -> Option<u64> {
@@ -121,90 +103,6 @@ fn external_programs_attach_native_or_generic_and_detach() {
         assert!(netns.tcx_ingress_programs(iface).is_empty(), "{iface}");
     }
     assert!(!pins.path().exists());
-}
-
-/// The agent process; killed on drop if the test did not stop it.
-struct AgentGuard {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentGuard {
-    /// Starts the agent in `netns` (network namespace only: it keeps the
-    /// test's mount namespace, and so sees bpffs).
-    fn start(netns: &NetnsGuard, args: &[&str], log: PathBuf) -> Self {
-        let netns_file = netns.open();
-        let netns_fd = netns_file.as_raw_fd();
-        let mut command = Command::new(AGENT);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(File::options().append(true).open(&log).unwrap());
-        // SAFETY: only async-signal-safe setns between fork and exec; the
-        // namespace fd stays open (netns_file lives past spawn).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().expect("starting lb-agent");
-        drop(netns_file);
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until a log line contains `text`.
-    fn wait_for_log(&mut self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(file) = File::open(&self.log)
-                && let Some(line) = BufReader::new(file)
-                    .lines()
-                    .map_while(Result::ok)
-                    .find(|line| line.contains(text))
-            {
-                return line;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("agent exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {text:?}; agent log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// `GET /healthz` to `127.0.0.1:port` inside `netns`: the status code and
@@ -336,7 +234,7 @@ fn agent_runs_the_external_path() {
         ],
         dir.path().join("agent.log"),
     );
-    agent.wait_for_log("programmed");
+    agent.wait_for_log(Duration::from_secs(30), |line| line.contains("programmed"));
     // The veth scan attaches the pod end within a second.
     let pod_programs = wait_until(
         || netns.tcx_ingress_programs(&pod),
@@ -465,14 +363,7 @@ fn agent_refuses_a_missing_external_interface() {
         ],
         dir.path().join("agent.log"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "agent kept running");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = agent.wait_for_exit(Duration::from_secs(10));
     assert!(!status.success());
     let log = agent.log();
     assert!(
