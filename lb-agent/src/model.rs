@@ -415,6 +415,13 @@ pub struct ServicePort {
     /// With no ready backend, drop new connections rather than refuse them
     /// (`internalTrafficPolicy: Local`, as kube-proxy does).
     pub drop_without_backend: bool,
+    /// On the [`Traffic::External`] port of a Service whose traffic
+    /// policies differ: the ClusterIP frontend of its internal port. A pod
+    /// reaching one of the external frontends is balanced over that
+    /// frontend's backends instead (kube-proxy sends pod traffic to the
+    /// external addresses of an `externalTrafficPolicy: Local` Service to
+    /// every endpoint), so the entry of each external frontend names it.
+    pub internal_view: Option<Frontend>,
 }
 
 impl ServicePort {
@@ -503,6 +510,7 @@ impl DesiredState {
         entry.affinity_timeout = port.affinity_timeout;
         entry.selection = port.selection;
         entry.drop_without_backend = port.drop_without_backend;
+        entry.internal_view = port.internal_view;
         entry.source_ranges = port.source_ranges;
         entry.local_addresses.extend(port.local_addresses);
         for (frontend, kind) in port.frontends {

@@ -737,7 +737,7 @@ fn translate_service(
             proto,
             traffic,
         };
-        let port_of = |frontends: Frontends, backends, locality| {
+        let port_of = |frontends: Frontends, backends, locality, internal_view| {
             let has_load_balancer = frontends.any_of(FrontendKind::LoadBalancer);
             ServicePort {
                 frontends,
@@ -752,6 +752,7 @@ fn translate_service(
                 affinity_timeout,
                 selection,
                 drop_without_backend: matches!(locality, Locality::Node(_)),
+                internal_view,
             }
         };
         // One backend set per service id: the external frontends join the
@@ -762,14 +763,18 @@ fn translate_service(
                 None
             } else {
                 let backends = readiness(&endpoints, external_locality);
+                let cluster_ip = frontends
+                    .iter()
+                    .find(|(_, kind)| *kind == FrontendKind::ClusterIp)
+                    .map(|(frontend, _)| *frontend);
                 Some((
                     name(Traffic::External),
-                    port_of(external, backends, external_locality),
+                    port_of(external, backends, external_locality, cluster_ip),
                 ))
             };
         let internal_port = (
             name(Traffic::Internal),
-            port_of(frontends, internal_backends, internal_locality),
+            port_of(frontends, internal_backends, internal_locality, None),
         );
         let ports = [internal_port].into_iter().chain(external_port);
         for (name, port) in ports {
@@ -1982,10 +1987,15 @@ endpoints:
                 assert_eq!(port.frontends.len(), 2, "{case}");
                 assert!(!port.frontends.contains(&tcp(CLUSTER_IP, 80)), "{case}");
                 assert_eq!(internal_port.frontends.len(), 1, "{case}");
+                // Pods reaching the external frontends take the ClusterIP's view.
+                assert_eq!(port.internal_view, Some(tcp(CLUSTER_IP, 80)), "{case}");
+                assert_eq!(internal_port.internal_view, None, "{case}");
                 port
             } else {
                 assert_eq!(state.services().len(), 1, "{case}");
                 assert_eq!(internal_port.frontends.len(), 3, "{case}");
+                // One id, one view: nothing to redirect pods to.
+                assert_eq!(internal_port.internal_view, None, "{case}");
                 internal_port
             };
             assert_eq!(

@@ -70,6 +70,16 @@ pub const SERVICE_F_EXTERNAL: u16 = 1 << 3;
 /// others are dropped. Established flows are not re-checked.
 pub const SERVICE_F_SOURCE_RANGES: u16 = 1 << 4;
 
+/// An external frontend of a Service whose traffic policies differ
+/// (`externalTrafficPolicy: Local`, `internalTrafficPolicy: Cluster`, or
+/// the reverse): its id holds the external view of the backends. A packet
+/// from a pod (`lb_tc_pod`) is balanced with the internal view instead, the
+/// entry of the ClusterIP frontend ([`ServiceValue::internal_addr`],
+/// [`ServiceValue::internal_port`]), as kube-proxy sends pod traffic to the
+/// external addresses of a Local Service to every endpoint (Cilium's
+/// two-scope services do the same).
+pub const SERVICE_F_INTERNAL_VIEW: u16 = 1 << 5;
+
 /// Value of [`crate::names::MAP_SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -89,6 +99,12 @@ pub struct ServiceValue {
     pub maglev_table: u16,
     /// ClientIP session affinity timeout, seconds; 0 = no affinity.
     pub affinity_timeout: u32,
+    /// With [`SERVICE_F_INTERNAL_VIEW`]: the ClusterIP frontend whose entry
+    /// pods are balanced with (address and port, network byte order; the
+    /// protocol is this frontend's).
+    pub internal_addr: u32,
+    pub internal_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of [`crate::names::MAP_SLOTS`]: slot `slot` of service `service_id`.

@@ -95,6 +95,10 @@ pub fn process<C: PacketContext, R: Role>(ctx: &C) -> Result<Action, Error> {
         && let Some(service) = service::lookup(&pkt)
         && R::translates(&service)
     {
+        let service = match R::KIND {
+            RoleKind::Pod => service::internal_view(&pkt, service),
+            RoleKind::External => service,
+        };
         let result = forward::<C, R>(ctx, &pkt, &service);
         if let Err(error) = result {
             dropped::<C, R>(ctx, &pkt, service.id, error);

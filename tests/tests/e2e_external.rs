@@ -210,7 +210,7 @@ fn node_port_with_cluster_policy_reaches_pods_on_both_nodes() {
 }
 
 #[test]
-fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
+fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_but_not_for_pods() {
     let cluster = cluster("nplocal");
     let web = service("web", 11, ServiceType::NodePort)
         .with_external_traffic_policy(TrafficPolicy::Local);
@@ -277,6 +277,24 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
         .map(|server| server.received())
         .sum();
     assert_eq!(received, 0, "a pod other than the local endpoint got UDP");
+
+    // A pod on node 2 reaching node 2's NodePort is balanced over every
+    // endpoint, as kube-proxy sends pod traffic to a Local Service's
+    // external addresses: the endpoint on node 1 answers, from the NodePort.
+    let pod = cluster.pod(2, 2);
+    for n in 0..3 {
+        let exchange = pod
+            .tcp_request(node2_tcp, &format!("pod to local {n}"))
+            .expect("TCP from a pod to its node's NodePort of a Local Service");
+        assert_eq!(exchange.peer, node2_tcp);
+        assert_eq!(exchange.reply.server, node_pod_name(1, 1));
+        assert_eq!(*exchange.reply.client_seen.ip(), pod.addr());
+    }
+    let exchange = pod
+        .udp_connected_request(node2_udp, "pod to local")
+        .expect("UDP from a pod to its node's NodePort of a Local Service");
+    assert_eq!(exchange.from, node2_udp);
+    assert_eq!(exchange.reply.server, node_pod_name(1, 1));
 }
 
 fn health(cluster: &MultiNode, n: usize) -> io::Result<HttpResponse> {

@@ -38,8 +38,8 @@ use lb_common::names::{
 };
 use lb_common::ports::{PORT_F_BACKEND, PORT_F_EXTERNAL_FRONTEND, PORT_F_FRONTEND};
 use lb_common::service::{
-    SERVICE_F_DROP, SERVICE_F_EXTERNAL, SERVICE_F_MAGLEV, SERVICE_F_SOURCE_RANGES, ServiceKey,
-    ServiceValue, Slot, SlotKey,
+    SERVICE_F_DROP, SERVICE_F_EXTERNAL, SERVICE_F_INTERNAL_VIEW, SERVICE_F_MAGLEV,
+    SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, Slot, SlotKey,
 };
 use lb_common::stats::{MAX_BACKEND_STATS, MAX_SERVICE_STATS};
 use tracing::{error, warn};
@@ -1301,10 +1301,20 @@ impl<M: MapOps> Writer<M> {
         }
         for (frontend, kind) in port.frontends.iter() {
             let key = frontend.key();
-            let value = ServiceValue {
+            let mut value = ServiceValue {
                 flags: value.flags | port.frontend_flags(kind),
                 ..value
             };
+            // Pods reaching an external frontend of a Service whose
+            // policies differ are balanced with its ClusterIP's entry.
+            if kind.is_external()
+                && let Some(internal) = port.internal_view
+            {
+                let internal = internal.key();
+                value.flags |= SERVICE_F_INTERNAL_VIEW;
+                value.internal_addr = internal.addr;
+                value.internal_port = internal.port;
+            }
             if self.programmed.services.get(&key) != Some(&value) {
                 self.write(MapWrite::Service { key, value }, report);
             }
@@ -3144,6 +3154,57 @@ mod tests {
     }
 
     #[test]
+    fn external_frontends_of_a_split_service_name_the_internal_view() {
+        // externalTrafficPolicy differs from internalTrafficPolicy: the
+        // external frontends have their own id and point pods at the
+        // ClusterIP's entry.
+        let cluster_ip = frontend(1, 80);
+        let external_name = ServicePortName {
+            traffic: Traffic::External,
+            ..name("web")
+        };
+        let mut desired = DesiredState::new();
+        desired.insert(
+            name("web"),
+            ServicePort {
+                frontends: [(cluster_ip, FrontendKind::ClusterIp)].into(),
+                backends: [(pod(10), Readiness::Ready), (pod(11), Readiness::Ready)].into(),
+                ..ServicePort::default()
+            },
+        );
+        desired.insert(
+            external_name.clone(),
+            ServicePort {
+                frontends: [(frontend(2, 30080), FrontendKind::NodePort)].into(),
+                backends: [(pod(10), Readiness::Ready)].into(),
+                drop_without_backend: true,
+                internal_view: Some(cluster_ip),
+                ..ServicePort::default()
+            },
+        );
+        let mut writer = writer();
+        writer.apply(&desired);
+        let services = &writer.maps.contents.services;
+        let internal = services[&cluster_ip.key()];
+        assert_eq!(internal.id, writer.service_id(&name("web")).unwrap());
+        assert_eq!(internal.backend_count, 2);
+        assert_eq!(internal.flags & SERVICE_F_INTERNAL_VIEW, 0);
+        let external = services[&frontend(2, 30080).key()];
+        assert_eq!(external.id, writer.service_id(&external_name).unwrap());
+        assert_ne!(external.id, internal.id);
+        assert_eq!(external.backend_count, 1);
+        assert_eq!(
+            external.flags,
+            SERVICE_F_EXTERNAL | SERVICE_F_DROP | SERVICE_F_INTERNAL_VIEW
+        );
+        assert_eq!(
+            (external.internal_addr, external.internal_port),
+            (cluster_ip.key().addr, cluster_ip.key().port)
+        );
+        assert_eq!(writer.programmed(), &writer.maps.contents);
+    }
+
+    #[test]
     fn the_port_filter_follows_frontends_and_backends() {
         let mut writer = writer();
         writer.apply(&external_web(SourceRanges::Any));
@@ -3454,6 +3515,7 @@ mod tests {
             drop_without_backend: rng.chance(20),
             local_addresses,
             source_ranges,
+            internal_view: None,
         }
     }
 
