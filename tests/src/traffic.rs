@@ -218,7 +218,12 @@ fn accept_loop(
                     }
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            // A signal (the process stopped and continued) interrupts too.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(error) => eprintln!("testbed: TCP server {name}: accept: {error}"),
         }
     }
@@ -267,12 +272,14 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, port: u16, 
             }
             // A partial line before EOF: keep it, the next read returns 0.
             Ok(_) => {}
-            // Timeouts only give the stop flag a look; bytes read so far
-            // stay in `line`.
+            // Timeouts (and a signal's interruption) only give the stop flag
+            // a look; bytes read so far stay in `line`.
             Err(error)
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             // Resets are expected (tests cut connections on purpose).
             Err(_) => return,
@@ -371,7 +378,9 @@ fn udp_loop(socket: &UdpSocket, name: &str, port: u16, stop: &AtomicBool, receiv
             Err(error)
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             // ICMP errors from earlier replies surface here; not fatal.
             Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
