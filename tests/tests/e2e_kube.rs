@@ -705,6 +705,109 @@ fn internal_traffic_policy_local() {
     );
 }
 
+/// This node's Node with `addresses` (type, address).
+fn this_node(addresses: &[(&str, Ipv4Addr)]) -> Node {
+    let addresses: Vec<Value> = addresses
+        .iter()
+        .map(|(kind, addr)| json!({"type": kind, "address": addr.to_string()}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": NODE},
+        "status": {"addresses": addresses},
+    }))
+    .expect("a valid Node")
+}
+
+/// With the Kubernetes source, NodePorts listen on the Node's InternalIP
+/// and ExternalIP addresses (not its Hostname), and follow them when the
+/// Node changes; a pod reaches its node's NodePort through the datapath.
+#[test]
+fn node_ports_follow_the_nodes_addresses() {
+    let node = KubeNode::build("kube-nodeport", 2);
+    let internal = Ipv4Addr::new(198, 18, 250, 1);
+    let external = Ipv4Addr::new(198, 18, 250, 2);
+    let moved = Ipv4Addr::new(198, 18, 250, 3);
+    node.api
+        .apply(&this_node(&[
+            ("InternalIP", internal),
+            ("ExternalIP", external),
+            ("Hostname", Ipv4Addr::new(198, 18, 250, 9)),
+        ]))
+        .unwrap();
+    let web_ip = cluster_ip(41);
+    node.api
+        .create(&service(
+            "web",
+            web_ip,
+            json!({"spec": {"type": "NodePort", "ports": [
+                {"name": "tcp", "port": TCP_PORT, "targetPort": TCP_TARGET, "protocol": "TCP", "nodePort": 30080},
+                {"name": "udp", "port": UDP_PORT, "targetPort": UDP_TARGET, "protocol": "UDP", "nodePort": 30053},
+            ]}}),
+        ))
+        .unwrap();
+    let (p1, p2) = (node.backend(1), node.backend(2));
+    node.api
+        .create(&slice(
+            "web",
+            "1",
+            vec![ready(p1.addr()), ready(p2.addr())],
+            json!({}),
+        ))
+        .unwrap();
+    let agent = node.start_agent(&[]);
+    let expected = [(tcp_backend(p1), true), (tcp_backend(p2), true)];
+    for addr in [internal, external] {
+        agent
+            .wait_for_backends(SocketAddrV4::new(addr, 30080), Protocol::Tcp, &expected)
+            .unwrap_or_else(|error| panic!("{error}\n{}", agent.diagnostics()));
+        agent
+            .wait_for_service(
+                SocketAddrV4::new(addr, 30080),
+                Protocol::Tcp,
+                "external",
+                |entry| entry.flags & lb_common::service::SERVICE_F_EXTERNAL != 0,
+            )
+            .unwrap();
+    }
+    assert!(
+        agent
+            .service(
+                SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 9), 30080),
+                Protocol::Tcp
+            )
+            .unwrap()
+            .is_none(),
+        "a Hostname address is no NodePort address"
+    );
+    let reached: BTreeSet<String> = node
+        .client()
+        .tcp_spread(SocketAddrV4::new(internal, 30080), 20)
+        .unwrap_or_else(|error| panic!("NodePort from a pod: {error}\n{}", agent.diagnostics()))
+        .into_keys()
+        .collect();
+    assert_eq!(reached, names(&[p1, p2]));
+
+    // The Node's InternalIP changes: the NodePorts move with it.
+    node.api
+        .apply(&this_node(&[
+            ("InternalIP", moved),
+            ("ExternalIP", external),
+        ]))
+        .unwrap();
+    agent
+        .wait_for_backends(SocketAddrV4::new(moved, 30080), Protocol::Tcp, &expected)
+        .unwrap_or_else(|error| panic!("{error}\n{}", agent.diagnostics()));
+    agent
+        .wait_for_no_service(SocketAddrV4::new(internal, 30080), Protocol::Tcp)
+        .unwrap_or_else(|error| panic!("{error}\n{}", agent.diagnostics()));
+    assert!(
+        agent
+            .service(SocketAddrV4::new(external, 30053), Protocol::Udp)
+            .unwrap()
+            .is_some()
+    );
+}
+
 /// `--service-proxy-name lb`: only Services labelled for `lb` are served.
 #[test]
 fn service_proxy_name_label() {
