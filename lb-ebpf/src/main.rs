@@ -72,7 +72,7 @@
 //! frontend's: any frontend's for `lb_tc_pod`, an external one's for the
 //! external programs) and before the reply lookups (its source port must
 //! be some backend's); a port without the bit skips the hash lookup, so a
-//! packet that is no service's costs no hash lookup at all.
+//! packet between ports no service uses costs no hash lookup at all.
 //!
 //! ## Forwarding
 //!
