@@ -7,7 +7,6 @@
 //! with `EbpfLoader::set_max_entries`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -54,23 +53,15 @@ pub static LB_REVNAT: HashMap<BackendAddr, RevNat, { MAX_BACKENDS as usize }> = 
 /// id) -> the flow's backend and frontend, last-seen time, TCP state. LRU,
 /// so a full table evicts the idlest flow instead of refusing new ones.
 ///
-/// `BPF_F_NO_COMMON_LRU`: each CPU keeps its own LRU list (as Katran's
-/// per-CPU LRU maps), so inserting a flow takes no lock shared by all CPUs
-/// (a new flow measured ~40 ns cheaper at XDP). What it implies for
-/// capacity: the preallocated entries are split evenly among the possible
-/// CPUs, and a CPU that runs out evicts the least recently used of *its*
-/// flows (those it created), even while other CPUs' lists have room. The
-/// table holds `max_entries` flows only when new flows are spread evenly
-/// over the CPUs (RSS); where one CPU creates them all (a single-queue
-/// device), it holds `max_entries / possible CPUs` before evicting. Size
-/// `--max-flows` for the busiest CPU.
+/// One LRU list for all CPUs, deliberately. `BPF_F_NO_COMMON_LRU` (per-CPU
+/// lists, as Katran's per-CPU LRU maps) measured about 40 ns cheaper per
+/// new flow at XDP, but it splits the entries evenly among the possible
+/// CPUs and a CPU that runs out evicts its own flows while others have
+/// room: where one CPU creates most flows (a single-queue NIC, one busy
+/// pod) the table would hold `max_entries / possible CPUs` flows, and an
+/// evicted flow is a broken connection. `--max-flows` means what it says.
 #[btf_map]
-pub static LB_CONNTRACK: LruHashMap<
-    FlowKey,
-    Flow,
-    { MAX_FLOWS as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static LB_CONNTRACK: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
 
 /// Per-CPU packet counters indexed by `lb_common::counters::Counter`.
 #[btf_map]
