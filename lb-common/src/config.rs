@@ -14,10 +14,10 @@ pub const CONFIG_F_LOG: u32 = 1 << 0;
 /// it with `bpf_redirect_neigh`. For uplinks where `XDP_TX` frames are not
 /// delivered promptly: on a veth, the kernel only wakes the peer to take
 /// them if the peer has an XDP program of its own, which a node cannot
-/// arrange for the other end of its uplink (kind nodes, containers). Answers
-/// XDP bounces to the client (RST, ICMP port unreachable for a service
-/// without endpoints) are not forwards and still leave by `XDP_TX`. Read
-/// only when a packet is about to be forwarded.
+/// arrange for the other end of its uplink (kind nodes, containers). The
+/// answers XDP would bounce to a client (RST, ICMP port unreachable) are
+/// left to `lb_tc_ext` as well. Read only when a packet is about to be
+/// forwarded or refused.
 pub const CONFIG_F_XDP_NO_TX: u32 = 1 << 1;
 
 #[repr(C)]

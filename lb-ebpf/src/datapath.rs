@@ -179,6 +179,12 @@ fn forward<C: PacketContext, R: Role>(
             if backend::still_serves(&flow) {
                 return established::<C, R>(ctx, pkt, service, &key, entry, &flow, now);
             }
+            if pkt.is_tcp() && !fib::may_bounce::<C>() {
+                // The reset would leave by XDP_TX, which is off: TC finds
+                // the same flow and resets it.
+                count(Counter::XdpToTc);
+                return Ok(Action::Pass);
+            }
             // The backend left every EndpointSlice of the service. A TCP
             // connection to it is dead: tell the client at once instead of
             // letting it time out. UDP has no connection: pick a new backend.
@@ -268,6 +274,11 @@ fn new_flow<C: PacketContext, R: Role>(
         return Err(Error::SourceRangeDenied);
     }
     if service::rejects_new_connections(service) {
+        if !service::drops_new_connections(service) && !fib::may_bounce::<C>() {
+            // The answer would leave by XDP_TX, which is off: TC answers.
+            count(Counter::XdpToTc);
+            return Ok(Action::Pass);
+        }
         count(Counter::NoBackend);
         stats::drop(service.id, DropReason::NoBackend);
         event!(

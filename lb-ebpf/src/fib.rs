@@ -94,6 +94,16 @@ fn xdp_transmit_disabled() -> bool {
     })
 }
 
+/// Whether this program may answer a packet by sending it back out
+/// (`Action::Bounce`: the RST or ICMP error of a refusal). Not XDP when the
+/// agent turned `XDP_TX` off (`CONFIG_F_XDP_NO_TX`): the caller then hands
+/// the packet to TC untouched, which answers it from there. Read only on
+/// the way to a refusal.
+#[inline(always)]
+pub fn may_bounce<C: PacketContext>() -> bool {
+    C::FORWARDING == Forwarding::AfterRewrite || !xdp_transmit_disabled()
+}
+
 /// Decides, before any rewrite, whether this program can forward `pkt`
 /// once translated to `new`. `Ok(None)`: XDP cannot, or must not
 /// (`CONFIG_F_XDP_NO_TX`); pass the packet untouched to TC.

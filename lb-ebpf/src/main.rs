@@ -97,8 +97,9 @@
 //! `XDP_TX` frames wait in the peer's queue until something else wakes
 //! it, unless the peer has an XDP program of its own, which a node cannot
 //! arrange for the far end of its uplink. The flag is read only on the way
-//! to a forward. Answers XDP bounces (RST, ICMP port unreachable for a
-//! service without endpoints) are not forwards and still leave by `XDP_TX`.
+//! to a forward or a refusal: the answers XDP would bounce (RST, ICMP port
+//! unreachable) are left to TC too, the request passed untouched
+//! (`XdpToTc`), and TC answers it as in the verdict table.
 //!
 //! Flow expiry: a flow idle for longer than its timeout (`LB_CONFIG`:
 //! UDP, TCP, or TCP closing once FIN was seen both ways or RST either way)

@@ -42,6 +42,9 @@ const CLIENT_3: SocketAddrV4 = SocketAddrV4::new(CLIENT_ADDR, 40002);
 const SVC_REMOTE: u32 = 1;
 const NODEPORT_REMOTE: SocketAddrV4 = SocketAddrV4::new(NODE_ADDR, 30081);
 const BACKEND_REMOTE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 64, 10), 8080);
+/// A NodePort without endpoints: refused (RST, ICMP port unreachable).
+const SVC_EMPTY: u32 = 3;
+const NODEPORT_EMPTY: SocketAddrV4 = SocketAddrV4::new(NODE_ADDR, 30083);
 /// A NodePort whose backend is a pod of this node: DNAT only, no forward.
 const SVC_LOCAL: u32 = 2;
 const NODEPORT_LOCAL: SocketAddrV4 = SocketAddrV4::new(NODE_ADDR, 30082);
@@ -250,6 +253,53 @@ fn without_xdp_tx_every_forward_goes_to_tc_untouched() {
             moved,
             counted(&[(Counter::NewFlow, 1), (Counter::Forwarded, 1)])
         );
+    })
+    .expect("run in the test namespace");
+}
+
+/// Refusals are answers sent back out of the arrival interface: with the
+/// flag, XDP does not send them either but hands the request to TC, which
+/// answers from there.
+#[test]
+fn without_xdp_tx_refusals_are_answered_by_tc() {
+    require_root();
+    let fib = FibNet::create().expect("create the test namespace");
+    fib.run(|| {
+        let mut datapath = load(CONFIG_F_XDP_NO_TX);
+        datapath
+            .add_service_with(
+                &ServiceSpec {
+                    id: SVC_EMPTY,
+                    frontend: NODEPORT_EMPTY,
+                    proto: proto::TCP,
+                    backends: Vec::new(),
+                },
+                SERVICE_F_EXTERNAL,
+                0,
+            )
+            .expect("write a service without endpoints");
+        let request = syn(CLIENT, NODEPORT_EMPTY);
+        let (output, moved) = run(&datapath, &fib, Program::XdpExternal, &request);
+        assert_eq!(output.verdict, XDP_PASS, "{}", describe(&output.frame));
+        assert_frame("SYN at XDP", &output, &request);
+        assert_eq!(moved, counted(&[(Counter::XdpToTc, 1)]));
+
+        let (output, moved) = run(&datapath, &fib, Program::TcExternal, &request);
+        assert_eq!(
+            output.verdict,
+            TC_ACT_REDIRECT,
+            "{}",
+            describe(&output.frame)
+        );
+        assert_frame("RST from TC", &output, &request.expected_reset());
+        assert_eq!(moved, counted(&[(Counter::NoBackend, 1)]));
+
+        // Without the flag, XDP answers itself.
+        datapath.set_config(&config(0)).expect("write LB_CONFIG");
+        let (output, moved) = run(&datapath, &fib, Program::XdpExternal, &request);
+        assert_eq!(output.verdict, XDP_TX, "{}", describe(&output.frame));
+        assert_frame("RST from XDP", &output, &request.expected_reset());
+        assert_eq!(moved, counted(&[(Counter::NoBackend, 1)]));
     })
     .expect("run in the test namespace");
 }
