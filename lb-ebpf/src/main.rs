@@ -57,7 +57,7 @@
 //! | same, backend is the client itself (hairpin, any role) | flow created with `FLOW_F_SNAT | FLOW_F_HAIRPIN` and a port from `LB_SNAT`; DNAT + SNAT to the hairpin address; forwarded by FIB lookup | `NewFlow` + `Forwarded` |
 //! | same, role External, external frontend, backend without `BACKEND_F_LOCAL` (on another node) | flow created with `FLOW_F_SNAT` and a port from `LB_SNAT`; DNAT + SNAT to the node's SNAT address; forwarded by FIB lookup | `NewFlow` + `Forwarded` |
 //! | a flow needing SNAT, no SNAT address configured (`snat_addr` 0) | `TC_ACT_SHOT` | `NoNatAddr` |
-//! | a flow needing SNAT, none of the 8 ports tried is free | `TC_ACT_SHOT` | `NoNatPort` |
+//! | a flow needing SNAT, none of the 16 ports drawn at random is free | `TC_ACT_SHOT` | `NoNatPort` |
 //! | to a frontend, the chosen slot or its backend is missing (agent update race) | `TC_ACT_SHOT` | `SlotMiss` |
 //! | to a frontend, the flow cannot be inserted | `TC_ACT_SHOT` | `ConntrackFull` |
 //! | to the SNAT or hairpin address, port in the translated range, from the backend of the source-translated flow holding that port (`LB_SNAT`) | source rewritten to the frontend, destination to the client; forwarded by FIB lookup | `Reply` + `Forwarded` |
