@@ -691,29 +691,25 @@ struct InputBytes([u8; INPUT_SIZE]);
 // SAFETY: a plain byte array, valid for any bit pattern.
 unsafe impl aya::Pod for InputBytes {}
 
-fn loaded<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+/// The loaded program `name` as its type `P` (`SchedClassifier`, `Xdp`).
+fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(PacketError::MissingProgram { name })?
         .try_into()
         .map_err(|source| PacketError::ProgramType { name, source }.into())
 }
 
-fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
-    ebpf.program_mut(name)
-        .ok_or(PacketError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| PacketError::ProgramType { name, source }.into())
-}
-
-/// [`test_run`] of an XDP program.
-fn test_run_xdp(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    frame: &[u8],
-    repeat: u32,
-) -> Result<(f64, u32)> {
+/// One test run of `name` (of type `P`) with `repeat`: (ns per run, verdict).
+fn test_run<P>(ebpf: &mut Ebpf, name: &'static str, frame: &[u8], repeat: u32) -> Result<(f64, u32)>
+where
+    P: for<'o> TestRun<Opts<'o> = TestRunOptions<'o>, Result = aya::TestRunResult>,
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let mut out = vec![0u8; 4096];
-    let result = loaded_xdp(ebpf, name)?
+    let result = loaded::<P>(ebpf, name)?
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
@@ -724,22 +720,21 @@ fn test_run_xdp(
     Ok((result.duration.as_nanos() as f64, result.return_value))
 }
 
-/// Puts the XDP program `name` into the XDP wrapper's slot.
-fn set_xdp_target(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
-    let fd = loaded_xdp(ebpf, name)?
+/// Puts the program `name` into slot 0 of the wrapper's program array
+/// `slots` (the TC or the XDP one).
+fn set_target(ebpf: &mut Ebpf, slots: &'static str, name: &'static str) -> Result<()> {
+    let fd = ebpf
+        .program(name)
+        .ok_or(PacketError::MissingProgram { name })?
         .fd()
         .map_err(|source| PacketError::LoadProgram { name, source })?
         .try_clone()
         .map_err(|error| BenchError::io("duplicating a program fd", error))?;
     let map = ebpf
-        .map_mut(MAP_BENCH_XDP_TARGET)
-        .ok_or(PacketError::MissingMap {
-            name: MAP_BENCH_XDP_TARGET,
-        })?;
-    let mut slots = ProgramArray::try_from(map).map_err(map_error(MAP_BENCH_XDP_TARGET, "open"))?;
-    slots
-        .set(0, &fd, 0)
-        .map_err(map_error(MAP_BENCH_XDP_TARGET, "set"))
+        .map_mut(slots)
+        .ok_or(PacketError::MissingMap { name: slots })?;
+    let mut array = ProgramArray::try_from(map).map_err(map_error(slots, "open"))?;
+    array.set(0, &fd, 0).map_err(map_error(slots, "set"))
 }
 
 fn map_error(
@@ -756,37 +751,6 @@ fn map_error(
     }
 }
 
-/// One test run of `name` with `repeat`: (ns per run, verdict).
-fn test_run(ebpf: &mut Ebpf, name: &'static str, frame: &[u8], repeat: u32) -> Result<(f64, u32)> {
-    let mut out = vec![0u8; 4096];
-    let result = loaded(ebpf, name)?
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .map_err(|source| PacketError::TestRun { name, source })?;
-    Ok((result.duration.as_nanos() as f64, result.return_value))
-}
-
-fn set_target(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
-    let fd = loaded(ebpf, name)?
-        .fd()
-        .map_err(|source| PacketError::LoadProgram { name, source })?
-        .try_clone()
-        .map_err(|error| BenchError::io("duplicating a program fd", error))?;
-    let map = ebpf
-        .map_mut(MAP_BENCH_TARGET)
-        .ok_or(PacketError::MissingMap {
-            name: MAP_BENCH_TARGET,
-        })?;
-    let mut slots = ProgramArray::try_from(map).map_err(map_error(MAP_BENCH_TARGET, "open"))?;
-    slots
-        .set(0, &fd, 0)
-        .map_err(map_error(MAP_BENCH_TARGET, "set"))
-}
-
 /// Calibration rows: the test-run loop with an empty program, the replay
 /// wrapper's own cost (TC and XDP), and one hash lookup (a frontend-shaped
 /// key in a hash map), each the difference of two runs in the same round.
@@ -795,16 +759,16 @@ pub fn calibrate(runs: u32, rounds: u32) -> Result<Vec<CalibrationRow>> {
         .load(lb_agent::EBPF_BENCH_OBJECT)
         .map_err(PacketError::LoadObject)?;
     for name in [PROG_BENCH_RUN, PROG_BENCH_EMPTY, PROG_BENCH_LOOKUP] {
-        loaded(&mut ebpf, name)?
+        loaded::<SchedClassifier>(&mut ebpf, name)?
             .load()
             .map_err(|source| PacketError::LoadProgram { name, source })?;
     }
     for name in [PROG_BENCH_XDP_RUN, PROG_BENCH_XDP_EMPTY] {
-        loaded_xdp(&mut ebpf, name)?
+        loaded::<Xdp>(&mut ebpf, name)?
             .load()
             .map_err(|source| PacketError::LoadProgram { name, source })?;
     }
-    set_xdp_target(&mut ebpf, PROG_BENCH_XDP_EMPTY)?;
+    set_target(&mut ebpf, MAP_BENCH_XDP_TARGET, PROG_BENCH_XDP_EMPTY)?;
     let frame = Frame::tcp(CLIENT, NO_SERVICE, TCP_ACK)
         .with_payload(&PAYLOAD)
         .to_bytes();
@@ -852,23 +816,26 @@ pub fn calibrate(runs: u32, rounds: u32) -> Result<Vec<CalibrationRow>> {
     let mut xdp_empty = Vec::new();
     let mut xdp_wrapper = Vec::new();
     for _ in 0..rounds {
-        let (bare, verdict) = test_run(&mut ebpf, PROG_BENCH_EMPTY, &frame, runs)?;
+        let (bare, verdict) =
+            test_run::<SchedClassifier>(&mut ebpf, PROG_BENCH_EMPTY, &frame, runs)?;
         expect_verdict("empty program", verdict, TC_ACT_OK)?;
-        set_target(&mut ebpf, PROG_BENCH_EMPTY)?;
-        let (wrapped, verdict) = test_run(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
+        set_target(&mut ebpf, MAP_BENCH_TARGET, PROG_BENCH_EMPTY)?;
+        let (wrapped, verdict) =
+            test_run::<SchedClassifier>(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
         expect_verdict("wrapper with the empty program", verdict, TC_ACT_OK)?;
-        set_target(&mut ebpf, PROG_BENCH_LOOKUP)?;
+        set_target(&mut ebpf, MAP_BENCH_TARGET, PROG_BENCH_LOOKUP)?;
         // A miss would return TC_ACT_SHOT: the verdict proves the lookup
         // found its key in every run (the last run's verdict, and every run
         // takes the same path on the same restored input).
-        let (looked_up, verdict) = test_run(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
+        let (looked_up, verdict) =
+            test_run::<SchedClassifier>(&mut ebpf, PROG_BENCH_RUN, &frame, runs)?;
         expect_verdict("wrapper with one hash lookup", verdict, TC_ACT_OK)?;
         empty.push(bare);
         wrapper.push(wrapped - bare);
         lookup.push(looked_up - wrapped);
-        let (bare, verdict) = test_run_xdp(&mut ebpf, PROG_BENCH_XDP_EMPTY, &frame, runs)?;
+        let (bare, verdict) = test_run::<Xdp>(&mut ebpf, PROG_BENCH_XDP_EMPTY, &frame, runs)?;
         expect_verdict("empty XDP program", verdict, XDP_PASS)?;
-        let (wrapped, verdict) = test_run_xdp(&mut ebpf, PROG_BENCH_XDP_RUN, &frame, runs)?;
+        let (wrapped, verdict) = test_run::<Xdp>(&mut ebpf, PROG_BENCH_XDP_RUN, &frame, runs)?;
         expect_verdict("XDP wrapper with the empty program", verdict, XDP_PASS)?;
         xdp_empty.push(bare);
         xdp_wrapper.push(wrapped - bare);

@@ -32,7 +32,7 @@ use lb_common::counters::Counter;
 
 use super::{
     PacketError, Result,
-    datapath::{Counters, Datapath, Program, tc_test_context, xdp_test_context},
+    datapath::{Counters, Datapath, Program, program_fd, tc_test_context, xdp_test_context},
 };
 
 const PROG_BENCH_RUN: &str = "lb_bench_run";
@@ -169,34 +169,11 @@ impl Bench {
     /// Puts `target` into the slot of the wrapper for programs like `under_test`.
     fn set_target(&mut self, under_test: Program, target: Target) -> Result<()> {
         let xdp = under_test.is_xdp();
-        let (name, fd) = match (target, xdp) {
-            (Target::Datapath(program), true) => (
-                program.name(),
-                self.datapath.xdp()?.fd().map(|fd| fd.try_clone()),
-            ),
-            (Target::Datapath(program), false) => (
-                program.name(),
-                self.datapath
-                    .classifier(program)?
-                    .fd()
-                    .map(|fd| fd.try_clone()),
-            ),
-            (Target::Empty, true) => (
-                PROG_BENCH_XDP_EMPTY,
-                self.xdp_program(PROG_BENCH_XDP_EMPTY)?
-                    .fd()
-                    .map(|fd| fd.try_clone()),
-            ),
-            (Target::Empty, false) => (
-                PROG_BENCH_EMPTY,
-                self.program(PROG_BENCH_EMPTY)?
-                    .fd()
-                    .map(|fd| fd.try_clone()),
-            ),
+        let fd = match target {
+            Target::Datapath(program) => self.datapath.program_fd(program)?,
+            Target::Empty if xdp => program_fd(&self.harness, PROG_BENCH_XDP_EMPTY)?,
+            Target::Empty => program_fd(&self.harness, PROG_BENCH_EMPTY)?,
         };
-        let fd = fd
-            .map_err(|source| PacketError::LoadProgram { name, source })?
-            .map_err(|error| bench_error("setup", format!("duplicating a program fd: {error}")))?;
         let slot = if xdp {
             MAP_BENCH_XDP_TARGET
         } else {

@@ -273,6 +273,11 @@ impl Datapath {
             .map_err(|source| PacketError::ProgramType { name, source })
     }
 
+    /// A new descriptor of the loaded `program`, e.g. for a program array.
+    pub fn program_fd(&self, program: Program) -> Result<aya::programs::ProgramFd> {
+        program_fd(&self.ebpf, program.name())
+    }
+
     /// The loaded `lb_xdp_ext`.
     pub fn xdp(&self) -> Result<&Xdp> {
         let name = Program::XdpExternal.name();
@@ -634,4 +639,17 @@ impl Datapath {
             frame: out,
         })
     }
+}
+
+/// A new descriptor of the loaded program `name` of `ebpf`, whatever its type.
+pub(crate) fn program_fd(ebpf: &aya::Ebpf, name: &'static str) -> Result<aya::programs::ProgramFd> {
+    ebpf.program(name)
+        .ok_or(PacketError::MissingProgram { name })?
+        .fd()
+        .map_err(|source| PacketError::LoadProgram { name, source })?
+        .try_clone()
+        .map_err(|error| PacketError::Bench {
+            case: "setup".to_owned(),
+            detail: format!("duplicating the descriptor of {name}: {error}"),
+        })
 }
