@@ -13,6 +13,38 @@ use lb_agent::inspect;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clusterip");
 
+/// `lb-agent run` on the manifests in `manifests`, attached to the test
+/// veth, with small maps and JSON logs (into `logs/agent.log`), plus `extra`.
+fn start_agent(
+    netns: &NetnsGuard,
+    manifests: &Path,
+    pin_dir: &str,
+    extra: &[&str],
+    logs: &Path,
+) -> AgentGuard {
+    let mut args = vec![
+        "run",
+        "--manifests",
+        manifests.to_str().unwrap(),
+        "--attach",
+        &netns.host_end,
+        "--pin-dir",
+        pin_dir,
+        "--max-services",
+        "64",
+        "--max-backends",
+        "64",
+        "--max-slots",
+        "256",
+        "--max-flows",
+        "1024",
+        "--log-format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    AgentGuard::start(netns, &args, logs.join("agent.log"))
+}
+
 fn copy_fixtures(to: &Path) {
     for entry in std::fs::read_dir(FIXTURES).unwrap() {
         let path = entry.unwrap().path();
@@ -70,29 +102,7 @@ fn agent_follows_manifests_and_cleans_up_on_sigterm() {
     let logs = tempfile::tempdir().unwrap();
     let pin_dir = pins.path().to_str().unwrap();
 
-    let mut agent = AgentGuard::start(
-        &netns,
-        &[
-            "run",
-            "--manifests",
-            manifests.path().to_str().unwrap(),
-            "--attach",
-            &netns.host_end,
-            "--pin-dir",
-            pin_dir,
-            "--max-services",
-            "64",
-            "--max-backends",
-            "64",
-            "--max-slots",
-            "256",
-            "--max-flows",
-            "1024",
-            "--log-format",
-            "json",
-        ],
-        logs.path().join("agent.log"),
-    );
+    let mut agent = start_agent(&netns, manifests.path(), pin_dir, &[], logs.path());
 
     // The start-up line, in JSON.
     let line = agent.wait_for_log(Duration::from_secs(30), |line| line.contains("programmed"));
@@ -187,30 +197,12 @@ fn agent_programs_load_balancer_and_external_ips_with_source_ranges() {
     let logs = tempfile::tempdir().unwrap();
     let pin_dir = pins.path().to_str().unwrap();
 
-    let mut agent = AgentGuard::start(
+    let mut agent = start_agent(
         &netns,
-        &[
-            "run",
-            "--manifests",
-            manifests.path().to_str().unwrap(),
-            "--node-name",
-            "here",
-            "--attach",
-            &netns.host_end,
-            "--pin-dir",
-            pin_dir,
-            "--max-services",
-            "64",
-            "--max-backends",
-            "64",
-            "--max-slots",
-            "256",
-            "--max-flows",
-            "1024",
-            "--log-format",
-            "json",
-        ],
-        logs.path().join("agent.log"),
+        manifests.path(),
+        pin_dir,
+        &["--node-name", "here"],
+        logs.path(),
     );
     agent.wait_for_log(Duration::from_secs(30), |line| line.contains("programmed"));
 
